@@ -1,0 +1,1 @@
+"""Pixel-level evaluators that score generated images against their prompts."""
