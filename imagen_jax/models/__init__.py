@@ -1,0 +1,1 @@
+"""Neural networks: the U-Nets of the cascade (base and Efficient U-Net) and their building blocks."""

@@ -1,0 +1,1 @@
+"""Command-line tools (`python -m imagen_jax.tools.<name>`)."""
