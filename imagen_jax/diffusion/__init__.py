@@ -1,0 +1,87 @@
+"""The diffusion core: schedules, the Gaussian forward process, losses, guidance and samplers.
+
+Pure, jittable functions that follow the papers (Imagen App. A, VDM, Ho & Salimans CFG, DDIM,
+DPM-Solver++). Nothing here knows about the U-Net: samplers take any ``model_fn(x_t, t)``.
+:mod:`imagen_jax.diffusion.oracle` holds the exact denoiser of Gaussian data, a "perfect model"
+for tests; ``python -m imagen_jax.diffusion.demo`` samples it with every sampler.
+"""
+
+from imagen_jax.diffusion.augmentation import noise_augment
+from imagen_jax.diffusion.gaussian import (
+  PRED_TYPES,
+  eps_from_v,
+  eps_from_x0,
+  pred_from_x0_eps,
+  predict_eps,
+  predict_x0,
+  q_sample,
+  to_x0_eps,
+  v_from_x0_eps,
+  x0_from_eps,
+  x0_from_v,
+)
+from imagen_jax.diffusion.guidance import (
+  THRESHOLD_MODES,
+  classifier_free_guidance,
+  dynamic_threshold,
+  guide,
+  threshold,
+)
+from imagen_jax.diffusion.losses import diffusion_loss, min_snr_weight, sample_training_inputs
+from imagen_jax.diffusion.samplers import (
+  SAMPLE_STATIC_ARGNAMES,
+  SAMPLERS,
+  ancestral_step,
+  ddim_step,
+  dpmpp_2m_step,
+  sample,
+  time_grid,
+)
+from imagen_jax.diffusion.schedules import (
+  SCHEDULE_NAMES,
+  CosineSchedule,
+  LinearBetaSchedule,
+  Schedule,
+  ShiftedCosineSchedule,
+  alpha_sigma,
+  as_schedule,
+  get_schedule,
+)
+
+__all__ = [
+  "PRED_TYPES",
+  "SAMPLERS",
+  "SAMPLE_STATIC_ARGNAMES",
+  "SCHEDULE_NAMES",
+  "THRESHOLD_MODES",
+  "CosineSchedule",
+  "LinearBetaSchedule",
+  "Schedule",
+  "ShiftedCosineSchedule",
+  "alpha_sigma",
+  "ancestral_step",
+  "as_schedule",
+  "classifier_free_guidance",
+  "ddim_step",
+  "diffusion_loss",
+  "dpmpp_2m_step",
+  "dynamic_threshold",
+  "eps_from_v",
+  "eps_from_x0",
+  "get_schedule",
+  "guide",
+  "min_snr_weight",
+  "noise_augment",
+  "pred_from_x0_eps",
+  "predict_eps",
+  "predict_x0",
+  "q_sample",
+  "sample",
+  "sample_training_inputs",
+  "threshold",
+  "time_grid",
+  "to_x0_eps",
+  "v_from_x0_eps",
+  "x0_from_eps",
+  "x0_from_v",
+]

@@ -1,0 +1,155 @@
+"""Classifier-free guidance (Ho & Salimans 2022; Imagen eq. (2)) and thresholding (Imagen §2.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+ConditionalModelFn = Callable[[Array, Array, Any], Array]
+ModelFn = Callable[[Array, Array], Array]
+
+THRESHOLD_MODES = ("none", "static", "dynamic")
+
+
+def _is_concrete(value: Any) -> bool:
+  # Values that are traced (e.g. a guidance scale passed into a jitted function) cannot be
+  # checked in Python; they are validated wherever they are still concrete.
+  return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value))
+
+
+def check_guidance_scale(guidance_scale: Any, batch: int | None = None) -> None:
+  """Raises ``ValueError`` for a negative or wrongly shaped ``guidance_scale`` (scalar or [B])."""
+  shape = tuple(jnp.shape(guidance_scale))
+  if shape != () and (len(shape) != 1 or (batch is not None and shape[0] != batch)):
+    raise ValueError(f"guidance_scale must be a scalar or have shape [B]=({batch},), got {shape}")
+  if _is_concrete(guidance_scale) and np.any(np.asarray(guidance_scale) < 0):
+    raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+
+
+def guide(pred_cond: Array, pred_uncond: Array, guidance_scale: Array | float) -> Array:
+  """Combines conditional and unconditional predictions (Imagen eq. (2); Ho & Salimans 2022):
+
+    ε̃ = w · ε(z_t, c) + (1 − w) · ε(z_t, c_uncond).
+
+  The combination is affine with weights summing to 1, so it is the same whether the model
+  predicts ε, x0 or v (each is affine in the others at fixed x_t). Written as w·c + (1 − w)·u
+  rather than u + w(c − u) so that w = 1 returns the conditional prediction bit for bit.
+
+  Args:
+    pred_cond: conditional prediction, ``[B, ...]``.
+    pred_uncond: unconditional (or negative-prompt) prediction, ``[B, ...]``.
+    guidance_scale: w ≥ 0, a scalar or ``[B]``.
+  """
+  w = jnp.asarray(guidance_scale, jnp.float32)
+  w = w.reshape(w.shape + (1,) * (pred_cond.ndim - w.ndim))  # [B, 1, ...] or []
+  return (w * pred_cond + (1.0 - w) * pred_uncond).astype(pred_cond.dtype)
+
+
+def _double(cond: Any, uncond: Any, batch: int) -> Any:
+  def concat(c, u):
+    if c.shape[:1] != (batch,) or c.shape[1:] != u.shape[1:] or u.shape[:1] != (batch,):
+      raise ValueError(
+        f"cond and uncond leaves must have shape [B={batch}, ...] and match; got cond "
+        f"{tuple(c.shape)} and uncond {tuple(u.shape)}"
+      )
+    return jnp.concatenate([c, u.astype(c.dtype)], axis=0)  # [2B, ...]
+
+  return jax.tree.map(concat, cond, uncond)
+
+
+def classifier_free_guidance(
+  model_fn: ConditionalModelFn, cond: Any, uncond: Any, guidance_scale: Array | float
+) -> ModelFn:
+  """Wraps a conditional model into a guided ``model_fn(x_t, t)`` for the samplers.
+
+  The conditional and unconditional branches run as ONE forward pass over the doubled batch
+  ``[x_t; x_t]`` with conditioning ``[cond; uncond]`` (concatenated leaf-wise), then are split
+  and combined with :func:`guide`. ``uncond`` can be the null conditioning or a negative
+  prompt; it only has to match ``cond``'s structure and shapes. When ``guidance_scale`` is the
+  Python number 1 the unconditional half is skipped entirely (it would get weight 0).
+
+  Args:
+    model_fn: ``model_fn(x_t, t, cond) -> pred`` with ``x_t [B, ...]``, ``t [B]``.
+    cond: pytree of arrays with leading batch dimension B (e.g. text embeddings and mask).
+    uncond: pytree like ``cond`` for the unconditional / negative branch.
+    guidance_scale: w ≥ 0, scalar or ``[B]`` (per-example).
+
+  Returns:
+    ``guided_fn(x_t, t) -> pred`` with the shape of ``x_t``.
+
+  Raises:
+    ValueError: negative ``guidance_scale`` (when concrete), mismatched ``cond``/``uncond``.
+  """
+  check_guidance_scale(guidance_scale)
+  if jax.tree.structure(cond) != jax.tree.structure(uncond):
+    raise ValueError(
+      f"uncond must have the same pytree structure as cond; got {jax.tree.structure(uncond)} "
+      f"vs {jax.tree.structure(cond)}"
+    )
+  skip_uncond = isinstance(guidance_scale, int | float) and float(guidance_scale) == 1.0
+
+  def guided_fn(x_t: Array, t: Array) -> Array:
+    batch = x_t.shape[0]
+    check_guidance_scale(guidance_scale, batch)
+    if skip_uncond:
+      return model_fn(x_t, t, cond)
+    both = model_fn(
+      jnp.concatenate([x_t, x_t], axis=0),  # [2B, ...]
+      jnp.concatenate([t, t], axis=0),  # [2B]
+      _double(cond, uncond, batch),
+    )
+    if tuple(both.shape) != (2 * batch, *x_t.shape[1:]):
+      raise ValueError(
+        f"model_fn output on the doubled batch has shape {tuple(both.shape)}, expected "
+        f"{(2 * batch, *x_t.shape[1:])}"
+      )
+    pred_cond, pred_uncond = both[:batch], both[batch:]
+    return guide(pred_cond, pred_uncond, guidance_scale)
+
+  return guided_fn
+
+
+def check_threshold(mode: str, percentile: float) -> None:
+  """Raises ``ValueError`` for an unknown ``mode`` or a ``percentile`` outside (0, 100]."""
+  if mode not in THRESHOLD_MODES:
+    raise ValueError(f"thresholding mode must be one of {THRESHOLD_MODES}, got {mode!r}")
+  if not _is_concrete(percentile) or not 0.0 < float(percentile) <= 100.0:
+    raise ValueError(f"percentile must be a number in (0, 100], got {percentile!r}")
+
+
+def dynamic_threshold(x0: Array, percentile: float = 99.5) -> Array:
+  """Dynamic thresholding (Imagen §2.3): per sample, s = percentile_p(|x̂0|), s = max(s, 1);
+  x̂0 ← clip(x̂0, −s, s) / s.
+
+  Samples already in [−1, 1] have s ≤ 1 → s = 1 and are returned unchanged; others are
+  squeezed into [−1, 1] instead of being saturated by a hard clip.
+
+  Args:
+    x0: predicted data, ``[B, ...]``.
+    percentile: p ∈ (0, 100]; the paper uses 99.5.
+  """
+  flat = jnp.abs(x0.reshape(x0.shape[0], -1)).astype(jnp.float32)  # [B, D]
+  s = jnp.percentile(flat, percentile, axis=1)  # [B]
+  s = jnp.maximum(s, 1.0).reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
+  return jnp.clip(x0, -s, s) / s
+
+
+def threshold(x0: Array, mode: str, percentile: float = 99.5) -> Array:
+  """Applies ``"none"``, ``"static"`` (clip to [−1, 1], Imagen §2.3) or ``"dynamic"`` thresholding.
+
+  Args:
+    x0: predicted data, ``[B, ...]``.
+    mode: ``"none"``, ``"static"`` or ``"dynamic"``.
+    percentile: p for dynamic thresholding, in (0, 100].
+  """
+  check_threshold(mode, percentile)
+  if mode == "none":
+    return x0
+  if mode == "static":
+    return jnp.clip(x0, -1.0, 1.0)
+  return dynamic_threshold(x0, percentile)

@@ -1,0 +1,231 @@
+"""Samplers: ancestral (DDPM), DDIM and DPM-Solver++(2M), each one ``lax.fori_loop``.
+
+All samplers walk a uniform time grid t_start = t_0 > t_1 > … > t_N = t_end, call
+``model_fn(x_t, t)`` once per step, turn its output into (x̂0, ε̂) (:func:`gaussian.to_x0_eps`),
+threshold x̂0 (Imagen §2.3) and move x_{t_i} → x_{t_{i+1}}. The last step returns the
+(thresholded) x̂0 itself: with t_end = 0 that is the σ → 0 limit of every update below, and it
+keeps a huge last step in log-SNR (λ jumps to ``logsnr_max``) from amplifying solver error.
+
+Notation: step from t to s < t, λ = log-SNR, α² = sigmoid(λ), σ² = sigmoid(−λ),
+r = SNR_t / SNR_s = exp(λ_t − λ_s) ∈ (0, 1].
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from imagen_jax.diffusion import gaussian
+from imagen_jax.diffusion.guidance import check_threshold, threshold
+from imagen_jax.diffusion.schedules import Schedule, alpha_sigma, as_schedule
+
+Array = jax.Array
+ModelFn = Callable[[Array, Array], Array]
+
+SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
+# Everything but the data: pass to ``jax.jit(sample, static_argnames=SAMPLE_STATIC_ARGNAMES)``.
+SAMPLE_STATIC_ARGNAMES = (
+  "model_fn",
+  "sampler",
+  "steps",
+  "schedule",
+  "pred_type",
+  "thresholding",
+  "percentile",
+  "eta",
+  "t_start",
+  "t_end",
+  "progress_fn",
+)
+
+
+def time_grid(steps: int, t_start: float = 1.0, t_end: float = 0.0) -> Array:
+  """The ``steps + 1`` uniformly spaced times t_0 = t_start > … > t_N = t_end, ``[N + 1]``."""
+  return jnp.linspace(t_start, t_end, steps + 1, dtype=jnp.float32)
+
+
+def ancestral_step(x_t: Array, x0: Array, logsnr_t: Array, logsnr_s: Array, noise: Array) -> Array:
+  """One draw from the posterior q(x_s | x_t, x0 = x̂0) (Ho et al. 2020 eq. (6)-(7) in continuous
+  time, as in VDM; Imagen App. A eq. (6) with γ = 0, i.e. the posterior variance):
+
+    μ = r (α_s / α_t) x_t + (1 − r) α_s x̂0,    σ̃² = (1 − r) σ_s².
+
+  1 − r is computed as −expm1(λ_t − λ_s) so that small steps keep their digits.
+  """
+  alpha_t, _ = alpha_sigma(logsnr_t)
+  alpha_s, sigma_s = alpha_sigma(logsnr_s)
+  r = jnp.exp(logsnr_t - logsnr_s)
+  one_minus_r = -jnp.expm1(logsnr_t - logsnr_s)
+  mean = r * (alpha_s / alpha_t) * x_t + one_minus_r * alpha_s * x0
+  return mean + jnp.sqrt(one_minus_r) * sigma_s * noise
+
+
+def ddim_step(
+  x0: Array,
+  eps: Array,
+  logsnr_t: Array,
+  logsnr_s: Array,
+  noise: Array | None,
+  eta: float,
+) -> Array:
+  """DDIM update (Song et al. 2021 eq. (12), with σ_t(η) from eq. (16); Imagen eq. (5)):
+
+    x_s = α_s x̂0 + √(σ_s² − c²) ε̂ + c z,    c = η σ_s √(1 − r).
+
+  η = 0 is the deterministic probability-flow solver; η = 1 is exactly :func:`ancestral_step`
+  (c = the posterior std). For η > 1, c would exceed σ_s and the ε̂ coefficient is taken as 0.
+  """
+  alpha_s, sigma_s = alpha_sigma(logsnr_s)
+  if noise is None or eta == 0.0:
+    return alpha_s * x0 + sigma_s * eps
+  c = eta * sigma_s * jnp.sqrt(-jnp.expm1(logsnr_t - logsnr_s))
+  return alpha_s * x0 + jnp.sqrt(jnp.maximum(sigma_s**2 - c**2, 0.0)) * eps + c * noise
+
+
+def dpmpp_2m_step(
+  x_t: Array,
+  x0: Array,
+  x0_prev: Array,
+  logsnr_t: Array,
+  logsnr_s: Array,
+  h_prev: Array,
+  first: Array,
+) -> tuple[Array, Array]:
+  """DPM-Solver++(2M) multistep update (Lu et al. 2022b, Alg. 2), data prediction form.
+
+  With DPM-Solver's half log-SNR λ' = λ/2 = log(α/σ), h = λ'_s − λ'_t and r = h_prev / h:
+
+    D = x̂0 + (1 / 2r) (x̂0 − x̂0_prev)       (D = x̂0 on the ``first`` step: DPM-Solver++(1))
+    x_s = (σ_s / σ_t) x_t − α_s (e^{−h} − 1) D.
+
+  Returns:
+    ``(x_s, h)``; h is carried to the next step as ``h_prev``.
+  """
+  alpha_s, sigma_s = alpha_sigma(logsnr_s)
+  _, sigma_t = alpha_sigma(logsnr_t)
+  h = 0.5 * (logsnr_s - logsnr_t)
+  # 1 / (2r) = h / (2 h_prev); h_prev is 0 before the first step, so guard the division.
+  coef = jnp.where(first, 0.0, h / (2.0 * jnp.where(first, 1.0, h_prev)))
+  d = x0 + coef * (x0 - x0_prev)
+  return (sigma_s / sigma_t) * x_t - alpha_s * jnp.expm1(-h) * d, h
+
+
+def _check_config(model_fn, x_T, rng, sampler, steps, pred_type, eta, t_start, t_end, progress_fn):
+  if not callable(model_fn):
+    raise ValueError(f"model_fn must be callable, got {type(model_fn).__name__}")
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+  if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+    raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+  gaussian.check_pred_type(pred_type)
+  if not isinstance(eta, numbers.Real) or eta < 0:
+    raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+  if not (isinstance(t_start, numbers.Real) and isinstance(t_end, numbers.Real)):
+    raise ValueError(f"t_start and t_end must be Python numbers, got {t_start!r}, {t_end!r}")
+  if not 0.0 <= t_end < t_start <= 1.0:
+    raise ValueError(f"need 0 <= t_end < t_start <= 1, got t_start={t_start}, t_end={t_end}")
+  if jnp.ndim(x_T) < 1:
+    raise ValueError(f"x_T must have a leading batch dimension, got shape {jnp.shape(x_T)}")
+  if progress_fn is not None and not callable(progress_fn):
+    raise ValueError("progress_fn must be callable or None")
+  stochastic = sampler == "ancestral" or (sampler == "ddim" and eta > 0)
+  if stochastic and rng is None:
+    raise ValueError(f"rng is required for sampler={sampler!r} (eta={eta})")
+
+
+def sample(
+  model_fn: ModelFn,
+  x_T: Array,
+  rng: Array | None,
+  *,
+  sampler: str,
+  steps: int,
+  schedule: Schedule | str,
+  pred_type: str,
+  thresholding: str = "dynamic",
+  percentile: float = 99.5,
+  eta: float = 0.0,
+  t_start: float = 1.0,
+  t_end: float = 0.0,
+  progress_fn: Callable[[Array, Array], None] | None = None,
+) -> Array:
+  """Runs a whole sampler as one ``lax.fori_loop`` and returns x̂0.
+
+  Args:
+    model_fn: ``model_fn(x_t, t) -> pred`` with ``x_t [B, ...]``, ``t [B]`` (float32, in [0, 1]);
+      any function (the U-Net, a CFG wrapper from :func:`classifier_free_guidance`, an oracle).
+    x_T: the starting point, ``[B, ...]``: pure noise for t_start = 1, or ``q_sample`` of an
+      image at t_start for img2img / SDEdit.
+    rng: PRNG key for the stochastic samplers (may be ``None`` for DDIM η = 0 and DPM++).
+    sampler: ``"ancestral"``, ``"ddim"`` or ``"dpmpp_2m"``.
+    steps: number of model evaluations, ≥ 1.
+    schedule: the noise schedule the model was trained with (or its name).
+    pred_type: what ``model_fn`` predicts: ``"eps"``, ``"x0"`` or ``"v"``.
+    thresholding: ``"none"``, ``"static"`` or ``"dynamic"`` (applied to x̂0 at every step).
+    percentile: p for dynamic thresholding, in (0, 100].
+    eta: DDIM stochasticity η ≥ 0 (ignored by the other samplers).
+    t_start: first time, in (t_end, 1].
+    t_end: end of the time grid, in [0, t_start).
+    progress_fn: optional ``progress_fn(step, x0_pred)``, called through an unordered
+      ``jax.debug.callback`` at every step (a sharded x0_pred is gathered to one device for
+      it); ``None`` adds nothing to the program. Unordered because ordered effects are not
+      supported on more than one device.
+
+  Returns:
+    The sample x̂0, with the shape and dtype of ``x_T``.
+
+  Raises:
+    ValueError: an invalid argument (checked before the loop is traced), or a ``model_fn``
+      output whose shape differs from ``x_T`` (checked when the loop body is traced).
+
+  Jit it with the configuration static, e.g.
+  ``jax.jit(sample, static_argnames=SAMPLE_STATIC_ARGNAMES)``, or call it inside your own jitted
+  function; changing only ``x_T``, ``rng`` or arrays closed over by the traced caller does not
+  recompile.
+  """
+  _check_config(model_fn, x_T, rng, sampler, steps, pred_type, eta, t_start, t_end, progress_fn)
+  check_threshold(thresholding, percentile)
+  schedule = as_schedule(schedule)
+  x_T = jnp.asarray(x_T)
+  batch, dtype = x_T.shape[0], x_T.dtype
+  ts = time_grid(steps, t_start, t_end)  # [N + 1]
+  logsnrs = schedule(ts)  # [N + 1]
+
+  def denoise(i, x):
+    pred = model_fn(x, jnp.full((batch,), ts[i], jnp.float32))
+    if tuple(pred.shape) != tuple(x.shape):
+      raise ValueError(
+        f"model_fn output has shape {tuple(pred.shape)}, but x_T has shape {tuple(x.shape)}"
+      )
+    x0, eps = gaussian.to_x0_eps(pred, x, logsnrs[i], pred_type)
+    if thresholding != "none":
+      x0 = threshold(x0, thresholding, percentile)
+      eps = gaussian.eps_from_x0(x0, x, logsnrs[i])  # keep x_t = α x̂0 + σ ε̂ after clipping
+    if progress_fn is not None:
+      jax.debug.callback(progress_fn, i, x0)
+    return x0, eps
+
+  def noise(i):
+    return jax.random.normal(jax.random.fold_in(rng, i), x_T.shape, dtype)
+
+  def body(i, carry):
+    x, aux = carry
+    x0, eps = denoise(i, x)
+    lt, ls = logsnrs[i], logsnrs[i + 1]
+    if sampler == "ancestral":
+      x_next = ancestral_step(x, x0, lt, ls, noise(i))
+    elif sampler == "ddim":
+      x_next = ddim_step(x0, eps, lt, ls, noise(i) if eta > 0 else None, eta)
+    else:
+      x0_prev, h_prev = aux
+      x_next, h = dpmpp_2m_step(x, x0, x0_prev, lt, ls, h_prev, i == 0)
+      aux = (x0.astype(dtype), h)
+    x_next = jnp.where(i == steps - 1, x0, x_next)  # the last step returns x̂0
+    return x_next.astype(dtype), aux
+
+  aux0 = (jnp.zeros_like(x_T), jnp.zeros((), jnp.float32)) if sampler == "dpmpp_2m" else ()
+  x0, _ = jax.lax.fori_loop(0, steps, body, (x_T, aux0))
+  return x0
