@@ -1,10 +1,10 @@
 """Logical axis names and the one place where Flax/JAX sharding APIs are called.
 
-Every weight in the project carries *logical* axis names (``embed``, ``mlp``, ``heads``, ``conv_in``,
-``conv_out``...). A mesh and a list of rules map those names to mesh axes (``data``, ``fsdp``,
-``tensor``). Modules never touch meshes: they call :func:`logical_init` for parameters and
-:func:`constrain` for activations at block boundaries. Without an active rule set (the default,
-e.g. on one CPU) both are free: no metadata is applied to values and ``constrain`` returns its input.
+Every weight in the project carries *logical* axis names (``embed``, ``mlp``, ``heads``,
+``conv_in``, ``conv_out``...). A mesh and a list of rules map those names to mesh axes (``data``,
+``fsdp``, ``tensor``). Modules never touch meshes: they call :func:`logical_init` for parameters and
+:func:`constrain` for activations at block boundaries. Without an active rule set (the default, e.g.
+on one CPU) both are free: no metadata is applied to values and ``constrain`` returns its input.
 
 Logical axis vocabulary (shape letters in comments follow ``# [B, H, W, C]``):
 

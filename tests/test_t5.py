@@ -340,3 +340,32 @@ def test_hub_id_downloads_only_encoder_shards(ckpt, tmp_path, monkeypatch):
   assert decoder_only and not decoder_only & set(fetched)
   got = np.asarray(enc.encode(IDS, MASK))
   assert np.abs(got - hf_last_hidden_state(repo, IDS, MASK)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("ff", ["gated-gelu", "relu"])
+def test_save_t5_encoder_loads_in_transformers(tmp_path, ff):
+  """A module saved by save_t5_encoder is a valid HF checkpoint: PyTorch gives the same output."""
+  torch = pytest.importorskip("torch")
+  from transformers import T5EncoderModel
+
+  from imagen_jax.models.t5_loading import save_t5_encoder
+
+  cfg = T5Config(
+    vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj=ff
+  )
+  model = T5EncoderModule(cfg, rngs=nnx.Rngs(3), dtype=jnp.float32, param_dtype=jnp.float32)
+  save_t5_encoder(model, tmp_path)
+  ids = np.array([[5, 9, 3, 1, 0, 0], [7, 2, 1, 0, 0, 0]], np.int32)
+  mask = ids > 0
+  mask[:, 0] = True
+  ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  ref = T5EncoderModel.from_pretrained(str(tmp_path)).eval()
+  with torch.no_grad():
+    theirs = ref(
+      input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask.astype(int))
+    ).last_hidden_state.numpy()
+  np.testing.assert_allclose(ours[mask], theirs[mask], atol=1e-4)
+  reloaded = load_t5_encoder(tmp_path, progress=False)
+  np.testing.assert_allclose(
+    np.asarray(reloaded(jnp.asarray(ids), jnp.asarray(mask))), ours, atol=1e-6
+  )

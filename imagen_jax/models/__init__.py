@@ -1,1 +1,1 @@
-"""Neural networks: the U-Nets of the cascade (base and Efficient U-Net) and their building blocks."""
+"""Neural networks: the U-Nets of the cascade (base and Efficient U-Net), their building blocks."""

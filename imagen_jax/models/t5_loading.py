@@ -430,3 +430,31 @@ def _check_tensors(source: TensorSource, flat, embed_key: str) -> dict:
       "this config.json (e.g. umt5 has a position bias in every layer)"
     )
   return plan
+
+
+def save_t5_encoder(model: T5EncoderModule, path: str | os.PathLike) -> Path:
+  """Writes ``config.json`` + ``model.safetensors`` with Hugging Face ``T5EncoderModel`` names.
+
+  The inverse of :func:`load_t5_encoder` (and loadable by ``transformers.T5EncoderModel``).
+  """
+  import dataclasses
+
+  from safetensors.numpy import save_file
+
+  cfg = model.config
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+
+  tensors = {}
+  for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name, transpose = hf_tensor_name(key, "shared.weight")
+    arr = np.asarray(var.get_value() if hasattr(var, "get_value") else var.value, np.float32)
+    tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
+  save_file(tensors, str(path / "model.safetensors"))
+  hf = dataclasses.asdict(cfg)
+  hf.update(model_type="t5", architectures=["T5EncoderModel"], is_encoder_decoder=False)
+  hf["dense_act_fn"] = "gelu_new" if cfg.feed_forward_proj == "gated-gelu" else "relu"
+  hf["is_gated_act"] = cfg.feed_forward_proj.startswith("gated")
+  with open(path / "config.json", "w") as f:
+    json.dump(hf, f, indent=2)
+  return path

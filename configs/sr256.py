@@ -1,0 +1,35 @@
+"""Imagen 64→256 super-resolution stage (App. F.2): the 600M-parameter Efficient U-Net.
+
+Paper recipe (§4.1, App. F): Adam (0.9, 0.999, 1e-8), lr 1e-4 with 10k warmup, batch 2048, 2.5M
+steps, 10% text dropout, EMA, cosine schedule, noise-conditioning augmentation of the 64² input
+(random aug level in training).
+
+  python train.py --config=configs/sr256.py --config.data.source=folder \\
+      --config.data.path=/data/images --config.text.encoder=/ckpt/t5-v1_1-xxl --workdir=runs/sr256
+  python train.py --config=configs/sr256.py:tiny --workdir=runs/sr256_tiny     # CPU-sized, shapes
+
+Parameter count from shapes only (last line `params: N`, ≈572M):
+
+  python -m imagen_jax.tools.count_params --config configs/sr256.py
+"""
+
+from __future__ import annotations
+
+from imagen_jax.train.config import paper_config, stage_config, tiny_overrides
+
+
+def get_config(arg: str | None = None):
+  """``arg``: "" for the paper preset, "tiny" for the CPU-sized 16²→64² preset on shapes."""
+  if arg not in (None, "", "tiny"):
+    raise ValueError(f"configs/sr256.py: unknown arg {arg!r}; use nothing or 'tiny'")
+  tiny = arg == "tiny"
+  if tiny:
+    stage = stage_config("sr256", "tiny_sr", image_size=64, lowres_size=16)
+  else:
+    stage = stage_config("sr256", "sr256", image_size=256, lowres_size=64)
+    stage.compute_dtype = "bfloat16"
+  stage.optimizer.name = "adam"
+  config = paper_config(stage)
+  if tiny:
+    tiny_overrides(config)
+  return config

@@ -1,0 +1,134 @@
+"""The one metrics writer: ``metrics.jsonl``, TensorBoard event files and PNG sample grids.
+
+Only process 0 writes (house-style rule 10); on other processes every method is a no-op, so callers
+never branch on the process index themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+def _to_float(value: Any) -> float:
+  return float(np.asarray(value))
+
+
+class MetricWriter:
+  """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard, images to PNG and TensorBoard.
+
+  Args:
+    logdir: directory for ``metrics.jsonl``, TensorBoard events and ``samples/`` PNGs.
+    enabled: whether this process writes (default: ``jax.process_index() == 0``).
+    tensorboard: also write TensorBoard event files (via ``tensorboardX``; no TensorFlow needed).
+  """
+
+  def __init__(self, logdir: str, *, enabled: bool | None = None, tensorboard: bool = True):
+    if enabled is None:
+      import jax
+
+      enabled = jax.process_index() == 0
+    self.logdir = logdir
+    self.enabled = enabled
+    self._jsonl = None
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(logdir, exist_ok=True)
+    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(logdir=os.path.join(logdir, "tensorboard"))
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Appends one JSON line ``{"step": step, "time": ..., **scalars}`` and TensorBoard scalars.
+
+    Non-finite values are written as JSON ``null`` (never silently dropped) and as NaN to
+    TensorBoard.
+    """
+    if not self.enabled:
+      return
+    values = {k: _to_float(v) for k, v in scalars.items()}
+    record = {"step": int(step), "time": time.time()}
+    record.update({k: (v if math.isfinite(v) else None) for k, v in values.items()})
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in values.items():
+        self._tb.add_scalar(k, v, global_step=int(step))
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Saves each ``uint8 [H, W, 3]`` image as ``samples/{name}_{step:08d}.png`` and to TensorBoard.
+
+    Returns:
+      name → written PNG path (empty on non-writing processes).
+    """
+    if not self.enabled:
+      return {}
+    paths = {}
+    out_dir = os.path.join(self.logdir, "samples")
+    os.makedirs(out_dir, exist_ok=True)
+    for name, image in images.items():
+      image = np.asarray(image)
+      if image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(
+          f"write_images: {name!r} must be uint8 [H, W, C], got {image.dtype} {image.shape}"
+        )
+      path = os.path.join(out_dir, f"{name.replace('/', '_')}_{int(step):08d}.png")
+      Image.fromarray(image).save(path)
+      paths[name] = path
+      if self._tb is not None:
+        self._tb.add_image(name, image, global_step=int(step), dataformats="HWC")
+    return paths
+
+  def write_text(self, step: int, texts: Mapping[str, str]) -> None:
+    """Writes text (e.g. the config) to TensorBoard."""
+    if self._tb is not None:
+      for k, v in texts.items():
+        self._tb.add_text(k, v, global_step=int(step))
+
+  def flush(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
+  """Tiles ``[N, H, W, C]`` images (uint8 or float in [-1, 1]) into one ``uint8`` grid image."""
+  images = np.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f"image_grid: images must be [N, H, W, C], got shape {images.shape}")
+  if images.dtype != np.uint8:
+    images = to_uint8(images)
+  n, h, w, c = images.shape
+  ncols = ncols or int(math.ceil(math.sqrt(n)))
+  nrows = int(math.ceil(n / ncols))
+  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+  for i in range(n):
+    r, col = divmod(i, ncols)
+    y, x = pad + r * (h + pad), pad + col * (w + pad)
+    grid[y : y + h, x : x + w] = images[i]
+  return grid
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """Maps float images in [-1, 1] to uint8 [0, 255] (clipping; rounding to nearest)."""
+  x = np.asarray(images, np.float32)
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)

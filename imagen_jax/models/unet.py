@@ -1,0 +1,354 @@
+"""Imagen U-Nets: the ADM base U-Net (App. F.1) and the Efficient U-Net (App. B.1, F.2, F.3).
+
+One NNX module, :class:`UNet`, builds either variant from a :class:`UNetConfig`; use it as a pure
+function with ``graphdef, state = nnx.split(model)`` and ``nnx.merge(graphdef, state)(...)`` inside
+``jax.jit``. Both variants share the conditioning path:
+
+* time: log-SNR λ (continuous time, §2.2) -> sinusoidal embedding of a scaled λ -> MLP;
+* text: T5 embeddings -> LayerNorm -> shared projection -> (a) per-layer K/V concatenated to the
+  self-attention keys/values, or plain cross-attention where there is no self-attention; (b) an
+  attention-pooled vector added to the time embedding (§2.5);
+* SR stages: the low-res image is resized to the output size (bilinear; upsampling, so antialiasing
+  does not apply) and concatenated to ``x`` (SR3/CDM); the noise-augmentation level, as a log-SNR,
+  gets the same sinusoidal embedding and its own MLP, added to the conditioning vector (§2.4).
+
+Null condition for classifier-free guidance (§4.1 zeroes the text): ``text_emb = 0`` with an
+all-false ``text_mask``. Self-attention keys are always present, the pooled query token is always a
+valid key, and text-only cross-attention outputs zero when no token is valid, so it is well defined.
+
+[open] choices of the Efficient U-Net (paper silent, see the presets): the stem is a 3×3 conv at
+full resolution whose output is added (×``long_skip_scale``) to the last UBlock's output before the
+output GroupNorm/SiLU/conv; the UBlock upsampling is nearest ×2 followed by its 3×3 conv.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from imagen_jax.models.attention_control import AttentionController
+from imagen_jax.models.layers import (
+  ACT_BHWC,
+  Attention,
+  LogSNREmbedding,
+  ResBlock,
+  TextConditioner,
+  conv,
+  group_norm,
+  upsample,
+)
+from imagen_jax.models.unet_config import UNetConfig
+from imagen_jax.sharding import constrain
+
+
+def _apply(module: nnx.Module, *args: jax.Array) -> jax.Array:
+  return module(*args)
+
+
+class _Blocks:
+  """Shared per-block helpers: remat per ResBlock/attention call, as the config asks."""
+
+  remat: str
+  remat_policy_name: str
+
+  def _res(self, block: ResBlock, h: jax.Array, emb: jax.Array) -> jax.Array:
+    if self.remat == "none":
+      return block(h, emb)
+    policy = None if self.remat == "block" else getattr(jax.checkpoint_policies, self.remat)
+    return nnx.remat(_apply, policy=policy)(block, h, emb)
+
+  def _attn(self, attn: Attention | None, h: jax.Array, cond: dict, ctrl) -> jax.Array:
+    if attn is None:
+      return h
+    args = (h, cond["ctx"], cond["mask"], cond["has_text"])
+    if ctrl is not None or self.remat == "none":  # recorded values cannot leave a remat'd block
+      return attn(*args, ctrl)
+    policy = None if self.remat == "block" else getattr(jax.checkpoint_policies, self.remat)
+    return nnx.remat(_apply, policy=policy)(attn, *args)
+
+
+def _attention(cfg: UNetConfig, channels: int, level: int, site: str, kw: dict) -> Attention | None:
+  self_attn, cross = cfg.self_attn_levels[level], cfg.cross_attn_levels[level]
+  if not (self_attn or cross):
+    return None
+  heads, head_dim = cfg.heads_for(channels)
+  return Attention(
+    channels,
+    num_heads=heads,
+    head_dim=head_dim,
+    context_dim=cfg.context_dim if cross else None,
+    self_attention=self_attn,
+    num_groups=cfg.num_groups,
+    site=site,
+    impl=cfg.attention_impl,
+    **kw,
+  )
+
+
+class _Unit(nnx.Module, _Blocks):
+  """ADM block: ResBlock, optional attention, optional BigGAN up-sampling ResBlock."""
+
+  def __init__(self, res: ResBlock, attn: Attention | None, post: ResBlock | None, remat: str):
+    self.res, self.attn, self.post, self.remat = res, attn, post, remat
+
+  def __call__(self, h, emb, cond, ctrl):
+    h = self._attn(self.attn, self._res(self.res, h, emb), cond, ctrl)
+    return self._res(self.post, h, emb) if self.post is not None else h
+
+
+class DBlock(nnx.Module, _Blocks):
+  """Efficient U-Net DBlock (Fig. A.28): strided conv *first*, then ResBlocks, then attention."""
+
+  def __init__(self, cfg: UNetConfig, level: int, in_ch: int, kw: dict):
+    ch = cfg.channels[level]
+    self.remat = cfg.remat
+    self.down = conv(in_ch, ch, 3, stride=2, **kw)
+    rb = dict(num_groups=cfg.num_groups, skip_scale=cfg.skip_scale, **kw)
+    self.res = nnx.List(
+      [ResBlock(ch, ch, cfg.emb_dim, **rb) for _ in range(cfg.num_res_blocks[level])]
+    )
+    self.attn = _attention(cfg, ch, level, f"down.{level}.attn", kw)
+
+  def __call__(self, h, emb, cond, ctrl) -> tuple[jax.Array, list[jax.Array]]:
+    h = constrain(self.down(h), ACT_BHWC)  # [B, H/2, W/2, C]: downsample before the convs (B.1)
+    hiddens = []
+    for block in self.res:
+      h = self._res(block, h, emb)
+      hiddens.append(h)
+    h = self._attn(self.attn, h, cond, ctrl)
+    return h, hiddens
+
+
+class UBlock(nnx.Module, _Blocks):
+  """Efficient U-Net UBlock (Fig. A.29): skip, ResBlocks, attention, then upsampling *last*."""
+
+  def __init__(self, cfg: UNetConfig, level: int, out_ch: int, kw: dict):
+    ch = cfg.channels[level]
+    self.remat, self.skip_mode, self.skip_scale = cfg.remat, cfg.decoder_skips, cfg.long_skip_scale
+    in_ch = 2 * ch if cfg.decoder_skips == "resblock" else ch
+    rb = dict(num_groups=cfg.num_groups, skip_scale=cfg.skip_scale, **kw)
+    self.res = nnx.List(
+      [ResBlock(in_ch, ch, cfg.emb_dim, **rb) for _ in range(cfg.num_res_blocks[level])]
+    )
+    self.attn = _attention(cfg, ch, level, f"up.{level}.attn", kw)
+    self.up = conv(ch, out_ch, 3, **kw)
+
+  def __call__(self, h, skip, hiddens, emb, cond, ctrl) -> jax.Array:
+    scale = jnp.asarray(self.skip_scale, h.dtype)
+    if self.skip_mode == "block":
+      h = (h + skip.astype(h.dtype)) * scale  # skip connections scaled by 1/√2 (B.1)
+    for block, hid in zip(self.res, reversed(hiddens)):
+      if self.skip_mode == "resblock":
+        h = jnp.concatenate([h, hid.astype(h.dtype) * scale], axis=-1)
+      h = self._res(block, h, emb)
+    h = self._attn(self.attn, h, cond, ctrl)
+    return constrain(self.up(upsample(h)), ACT_BHWC)  # [B, 2H, 2W, C']: upsample after (B.1)
+
+
+class UNet(nnx.Module, _Blocks):
+  """Imagen U-Net (``kind="base"``: ADM, App. F.1; ``kind="efficient"``: App. B.1)."""
+
+  def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
+    cfg = config
+    self.config = cfg
+    self.remat = cfg.remat
+    kw = dict(rngs=rngs, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+    mc = cfg.model_channels
+    self.time_embed = LogSNREmbedding(mc, cfg.emb_dim, **kw)
+    self.aug_embed = LogSNREmbedding(mc, cfg.emb_dim, **kw) if cfg.lowres_cond else None
+    self.text = TextConditioner(cfg.text_dim, cfg.context_dim, cfg.emb_dim, cfg.pool_heads, **kw)
+    in_ch = cfg.in_channels * (2 if cfg.lowres_cond else 1)
+    self.stem = conv(in_ch, mc, 3, **kw)
+    if cfg.kind == "base":
+      self._build_adm(cfg, kw)
+    else:
+      self._build_efficient(cfg, kw)
+    self.out_norm = group_norm(mc, cfg.num_groups, rngs=rngs, param_dtype=cfg.weight_dtype)
+    self.out_conv = conv(mc, cfg.out_channels, 3, zero=True, **kw)
+
+  # ----------------------------------------------------------------------------------------------
+  # Construction.
+
+  def _build_adm(self, cfg: UNetConfig, kw: dict) -> None:
+    rb = dict(num_groups=cfg.num_groups, skip_scale=cfg.skip_scale, **kw)
+    ch, chans, down = cfg.model_channels, [cfg.model_channels], []
+    for level, width in enumerate(cfg.channels):
+      for _ in range(cfg.num_res_blocks[level]):
+        attn = _attention(cfg, width, level, f"down.{len(down)}.attn", kw)
+        down.append(_Unit(ResBlock(ch, width, cfg.emb_dim, **rb), attn, None, cfg.remat))
+        ch = width
+        chans.append(ch)
+      if level != cfg.num_levels - 1:  # BigGAN downsampling ResBlock
+        res = ResBlock(ch, ch, cfg.emb_dim, resample="down", **rb)
+        down.append(_Unit(res, None, None, cfg.remat))
+        chans.append(ch)
+    self.down = nnx.List(down)
+    self.mid_res1 = ResBlock(ch, ch, cfg.emb_dim, **rb)
+    # ADM/GLIDE middle block: self-attention, with the text when the deepest level has it.
+    heads, head_dim = cfg.heads_for(ch)
+    mid_ctx = cfg.context_dim if cfg.cross_attn_levels[-1] else None
+    self.mid_attn = (
+      Attention(
+        ch,
+        num_heads=heads,
+        head_dim=head_dim,
+        context_dim=mid_ctx,
+        num_groups=cfg.num_groups,
+        site="mid.attn",
+        impl=cfg.attention_impl,
+        **kw,
+      )
+      if cfg.mid_attention
+      else None
+    )
+    self.mid_res2 = ResBlock(ch, ch, cfg.emb_dim, **rb)
+    up = []
+    for level in reversed(range(cfg.num_levels)):
+      width = cfg.channels[level]
+      for j in range(cfg.num_res_blocks[level] + 1):
+        res = ResBlock(ch + chans.pop(), width, cfg.emb_dim, **rb)
+        attn = _attention(cfg, width, level, f"up.{len(up)}.attn", kw)
+        last = level and j == cfg.num_res_blocks[level]
+        post = ResBlock(width, width, cfg.emb_dim, resample="up", **rb) if last else None
+        up.append(_Unit(res, attn, post, cfg.remat))
+        ch = width
+    self.up = nnx.List(up)
+
+  def _build_efficient(self, cfg: UNetConfig, kw: dict) -> None:
+    widths = (cfg.model_channels, *cfg.channels)
+    self.dblocks = nnx.List([DBlock(cfg, i, widths[i], kw) for i in range(cfg.num_levels)])
+    # Deepest first, in execution order.
+    self.ublocks = nnx.List(
+      [UBlock(cfg, i, widths[i], kw) for i in reversed(range(cfg.num_levels))]
+    )
+
+  # ----------------------------------------------------------------------------------------------
+  # Forward.
+
+  def __call__(
+    self,
+    x: jax.Array,
+    logsnr: jax.Array,
+    text_emb: jax.Array,
+    text_mask: jax.Array,
+    *,
+    lowres: jax.Array | None = None,
+    aug_logsnr: jax.Array | None = None,
+    controller: AttentionController | None = None,
+  ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """Predicts ε (or whatever target the diffusion core trains) for the noisy image ``x``.
+
+    Args:
+      x: noisy image ``[B, H, W, in_channels]``; H, W divisible by ``total_downsampling``.
+      logsnr: log-SNR λ of ``x`` ``[B]`` (continuous time).
+      text_emb: T5 embeddings ``[B, L, text_dim]``; zeros with an all-false mask = null condition.
+      text_mask: ``[B, L]`` bool, True for real tokens. Padding has no effect on the output.
+      lowres: SR stages only: the (noise-augmented) low-res image ``[B, h, w, in_channels]``,
+        resized here to H×W.
+      aug_logsnr: SR stages only: its noise-augmentation level as a log-SNR ``[B]`` (use
+        ``LOGSNR_MAX`` = 20 for no augmentation).
+      controller: optional :class:`AttentionController`; see ``attention_control``.
+
+    Returns:
+      ``[B, H, W, out_channels]`` float32, or ``(out, controller.outputs())`` with a controller.
+    """
+    cfg = self.config
+    self._check_inputs(x, logsnr, text_emb, text_mask, lowres, aug_logsnr)
+    dtype = cfg.compute_dtype
+    ctx, pooled = self.text(text_emb, text_mask)  # [B, L, Dc], [B, E]
+    cond = dict(ctx=ctx, mask=text_mask, has_text=text_mask.any(axis=-1))
+    emb = self.time_embed(logsnr) + pooled  # pooled text added to the time embedding (§2.5)
+    if cfg.lowres_cond:
+      b, hgt, wid, c = x.shape
+      if lowres.shape[1:3] != (hgt, wid):
+        lowres = jax.image.resize(lowres.astype(jnp.float32), (b, hgt, wid, c), "bilinear")
+      x = jnp.concatenate([x.astype(dtype), lowres.astype(dtype)], axis=-1)  # [B, H, W, 2C]
+      emb = emb + self.aug_embed(aug_logsnr)
+    h = constrain(self.stem(x.astype(dtype)), ACT_BHWC)  # [B, H, W, mc]
+    if cfg.kind == "base":
+      h = self._forward_adm(h, emb, cond, controller)
+    else:
+      h = self._forward_efficient(h, emb, cond, controller)
+    h = jax.nn.silu(self.out_norm(h)).astype(dtype)
+    out = self.out_conv(h).astype(jnp.float32)  # [B, H, W, out_channels]
+    return out if controller is None else (out, controller.outputs())
+
+  def _forward_adm(self, h, emb, cond, ctrl) -> jax.Array:
+    hs = [h]
+    for unit in self.down:
+      h = unit(h, emb, cond, ctrl)
+      hs.append(h)
+    h = self._res(self.mid_res1, h, emb)
+    h = self._attn(self.mid_attn, h, cond, ctrl)
+    h = self._res(self.mid_res2, h, emb)
+    for unit in self.up:
+      h = unit(jnp.concatenate([h, hs.pop()], axis=-1), emb, cond, ctrl)  # ADM concat skips
+    return h
+
+  def _forward_efficient(self, h, emb, cond, ctrl) -> jax.Array:
+    stem, skips = h, []
+    for block in self.dblocks:
+      h, hiddens = block(h, emb, cond, ctrl)
+      skips.append((h, hiddens))
+    for block in self.ublocks:
+      skip, hiddens = skips.pop()
+      h = block(h, skip, hiddens, emb, cond, ctrl)
+    return (h + stem) * jnp.asarray(self.config.long_skip_scale, h.dtype)
+
+  # ----------------------------------------------------------------------------------------------
+  # Introspection and input checks.
+
+  def attention_sites(self) -> list[str]:
+    """Names of the attention layers that see text (the controller ``site`` names)."""
+    return [
+      m.site
+      for _, m in nnx.iter_graph(self)
+      if isinstance(m, Attention) and m.context_kv is not None
+    ]
+
+  def _check_inputs(self, x, logsnr, text_emb, text_mask, lowres, aug_logsnr) -> None:
+    """Static shape checks with clear errors, raised at trace time before anything is lowered."""
+    cfg = self.config
+    name, c, d = cfg.name, cfg.in_channels, cfg.total_downsampling
+    if x.ndim != 4 or x.shape[-1] != c:
+      raise ValueError(f"U-Net preset {name!r}: x must be [B, H, W, {c}] (NHWC), got {x.shape}")
+    b, hgt, wid, _ = x.shape
+    if hgt % d or wid % d:
+      raise ValueError(
+        f"U-Net preset {name!r}: image size {hgt}x{wid} must be divisible by the total "
+        f"downsampling {d} (e.g. [B, {cfg.image_size}, {cfg.image_size}, {c}])"
+      )
+    if logsnr.shape != (b,):
+      raise ValueError(f"U-Net preset {name!r}: logsnr must be [{b}], got {logsnr.shape}")
+    if text_emb.ndim != 3 or text_emb.shape[0] != b or text_emb.shape[-1] != cfg.text_dim:
+      raise ValueError(
+        f"U-Net preset {name!r}: text_emb must be [{b}, L, {cfg.text_dim}], got {text_emb.shape}"
+      )
+    if text_mask.shape != text_emb.shape[:2] or text_mask.dtype != jnp.bool_:
+      raise ValueError(
+        f"U-Net preset {name!r}: text_mask must be bool [{b}, {text_emb.shape[1]}], got "
+        f"{text_mask.dtype}{list(text_mask.shape)}"
+      )
+    if not cfg.lowres_cond:
+      if lowres is not None or aug_logsnr is not None:
+        raise ValueError(f"U-Net preset {name!r} is not a super-resolution model: no lowres")
+      return
+    lr = cfg.lowres_size or "h"
+    if lowres is None or lowres.ndim != 4 or lowres.shape[0] != b or lowres.shape[-1] != c:
+      got = None if lowres is None else lowres.shape
+      raise ValueError(
+        f"U-Net preset {name!r} is a super-resolution model: lowres must be [{b}, {lr}, {lr}, {c}],"
+        f" got {got}"
+      )
+    if aug_logsnr is None or aug_logsnr.shape != (b,):
+      got = None if aug_logsnr is None else aug_logsnr.shape
+      raise ValueError(
+        f"U-Net preset {name!r}: aug_logsnr (noise-augmentation level as log-SNR) must be [{b}], "
+        f"got {got}"
+      )
+
+
+def build_unet(config: UNetConfig, *, rngs: nnx.Rngs) -> UNet:
+  """Builds the U-Net for ``config`` (either kind)."""
+  return UNet(config, rngs=rngs)

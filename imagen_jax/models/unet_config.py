@@ -1,0 +1,387 @@
+"""Frozen U-Net hyper-parameters with the paper's presets (Imagen App. F.1, F.2, F.3).
+
+A ``UNetConfig`` is built from ``config.model`` (an ml-collections ``ConfigDict`` holding a preset
+name plus overrides) at the boundary, so the model never sees a ``ConfigDict``:
+
+  cfg = UNetConfig.from_preset("sr256", dtype="bfloat16", remat="block")
+
+Attention resolutions are given at the nominal ``image_size``, as in App. F.1, and mapped to U-Net
+*levels*; the network therefore attends at the same levels for any input size divisible by
+``total_downsampling`` (the 256->1024 model trains on 256² crops and samples at 1024², §2.5).
+
+Choices the paper leaves open ([open] in ``shared/reference/imagen-paper.md``) are listed in each
+preset's docstring and in ``imagen_jax/models/unet.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+KINDS = ("base", "efficient")
+_DTYPES = ("float32", "bfloat16", "float16")
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UNetConfig:
+  """U-Net hyper-parameters; see the presets for paper values.
+
+  Attributes:
+    name: preset name, used in error messages.
+    kind: ``"base"`` (ADM U-Net, App. F.1) or ``"efficient"`` (Efficient U-Net, App. B.1).
+    image_size: nominal output resolution (inputs may be any size divisible by
+      ``total_downsampling``).
+    in_channels: channels of the noisy image ``x``.
+    out_channels: channels of the prediction.
+    lowres_cond: whether the model is a super-resolution stage conditioned on a low-res image and
+      its noise-augmentation level (§2.4).
+    lowres_size: nominal resolution of the low-res input (informational).
+    model_channels: base width (ADM) or stem width (Efficient U-Net).
+    channel_mult: per-level width multipliers of ``model_channels``.
+    num_res_blocks: residual blocks per level (encoder side; ADM decoders use one more).
+    attn_resolutions: resolutions (at ``image_size``) with image self-attention.
+    cross_attn_resolutions: resolutions with text attention. Where both apply, the text sequence is
+      concatenated to the self-attention keys/values (§2.5); text-only levels use plain
+      cross-attention (App. F.3).
+    num_heads: fixed number of heads (Efficient U-Net: 8); exclusive with ``head_dim``.
+    head_dim: channels per head (ADM: 64); exclusive with ``num_heads``.
+    attn_hidden_mult: attention width as a multiple of the block channels (App. B.1: 2).
+    mid_attention: ADM middle block attention (base only).
+    emb_dim: width of the conditioning vector (time + pooled text + aug level).
+    text_dim: width of the text embeddings (T5-XXL: 4096).
+    context_dim: width of the shared projection of the layer-normed text (per-layer K/V read it).
+    pool_heads: heads of the attention pooling of the text.
+    text_max_length: expected token count (informational; any length works with its mask).
+    num_groups: GroupNorm groups.
+    skip_scale: factor on the residual sum inside ResBlocks (1/√2 in Efficient U-Nets, App. B.1).
+    long_skip_scale: factor on the encoder-to-decoder skips (Efficient U-Net only).
+    decoder_skips: Efficient U-Net skip wiring: ``"block"`` adds each DBlock's output to the
+      matching UBlock's input (Fig. A.29); ``"resblock"`` concatenates the output of every DBlock
+      res block into the matching UBlock res block (imagen-pytorch ``memory_efficient``).
+    dtype: compute dtype of activations (``"bfloat16"`` on accelerators).
+    param_dtype: storage dtype of the weights (keep ``"float32"``).
+    remat: ``"none"``, ``"block"`` (save nothing inside a block) or the name of a
+      ``jax.checkpoint_policies`` entry, applied to every residual/attention block.
+    attention_impl: ``None``/``"xla"`` or ``"cudnn"`` for ``jax.nn.dot_product_attention``.
+  """
+
+  name: str = "custom"
+  kind: str = "base"
+  image_size: int = 64
+  in_channels: int = 3
+  out_channels: int = 3
+  lowres_cond: bool = False
+  lowres_size: int | None = None
+  model_channels: int = 512
+  channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+  num_res_blocks: tuple[int, ...] = (3, 3, 3, 3)
+  attn_resolutions: tuple[int, ...] = (32, 16, 8)
+  cross_attn_resolutions: tuple[int, ...] = (32, 16, 8)
+  num_heads: int | None = None
+  head_dim: int | None = 64
+  attn_hidden_mult: int = 1
+  mid_attention: bool = True
+  emb_dim: int = 2048
+  text_dim: int = 4096
+  context_dim: int = 1024
+  pool_heads: int = 8
+  text_max_length: int = 128
+  num_groups: int = 32
+  skip_scale: float = 1.0
+  long_skip_scale: float = 1.0
+  decoder_skips: str = "block"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  attention_impl: str | None = None
+
+  def __post_init__(self) -> None:
+    self._validate()
+
+  # ----------------------------------------------------------------------------------------------
+  # Presets.
+
+  @classmethod
+  def base64(cls, **overrides: Any) -> UNetConfig:
+    """Base 64² text-to-image U-Net, App. F.1 (paper: 2B params).
+
+    Paper values: 512 channels, mult [1,2,3,4], 3 res blocks, attention + text cross-attention at
+    32/16/8 with 64 channels per head, BigGAN res blocks with scale-shift norm, attention pooling.
+    [open] choices: ADM embedding width 4×512 = 2048; T5-XXL (4096) is layer-normed and projected
+    once to a shared 1024-wide context that every attention layer reads its text K/V from (per-layer
+    4096-wide projections alone would add ~0.3B and overshoot 2B, shared-reference §9); ADM middle
+    block with attention; text length 128.
+    """
+    return cls._make(
+      dict(
+        name="base64",
+        kind="base",
+        image_size=64,
+        model_channels=512,
+        channel_mult=(1, 2, 3, 4),
+        num_res_blocks=(3, 3, 3, 3),
+        attn_resolutions=(32, 16, 8),
+        cross_attn_resolutions=(32, 16, 8),
+        head_dim=64,
+        emb_dim=2048,
+        context_dim=1024,
+      ),
+      overrides,
+    )
+
+  @classmethod
+  def sr256(cls, **overrides: Any) -> UNetConfig:
+    """64²->256² Efficient U-Net, App. F.2 (paper: 600M params).
+
+    Paper values: blocks of 128/256/512/1024 channels with 2/4/8/8 res blocks, stride 2 each,
+    downsampling before the convs (DBlock) and upsampling after them (UBlock), self-attention with
+    the text concatenated to its keys/values in the last block (8 heads, hidden 2×channels), skip
+    connections scaled by 1/√2, scale-shift norm, attention pooling.
+    [open] choices: stem width 128 at full resolution, added back before the output conv; every
+    ResBlock reads a 512-wide (4×128, ADM convention) conditioning vector through scale-shift norm
+    (IF-style CombineEmbs); ResBlock sums scaled by 1/√2 (IF ``resnet_out_scale_factor``); the
+    output of every DBlock res block is concatenated (×1/√2) into the matching UBlock res block
+    (imagen-pytorch ``memory_efficient``/``scale_skip_connection``); nearest-neighbour upsampling
+    then the UBlock conv; text projected once to a 512-wide context.
+    """
+    return cls._make(
+      dict(
+        name="sr256",
+        kind="efficient",
+        image_size=256,
+        lowres_cond=True,
+        lowres_size=64,
+        model_channels=128,
+        channel_mult=(1, 2, 4, 8),
+        num_res_blocks=(2, 4, 8, 8),
+        attn_resolutions=(16,),
+        cross_attn_resolutions=(16,),
+        num_heads=8,
+        head_dim=None,
+        attn_hidden_mult=2,
+        mid_attention=False,
+        emb_dim=512,
+        context_dim=512,
+        skip_scale=_INV_SQRT2,
+        long_skip_scale=_INV_SQRT2,
+        decoder_skips="resblock",
+      ),
+      overrides,
+    )
+
+  @classmethod
+  def sr1024(cls, **overrides: Any) -> UNetConfig:
+    """256²->1024² Efficient U-Net, App. F.3 (paper: 400M params).
+
+    Same blocks as ``sr256`` but no self-attention: explicit text cross-attention only in the last
+    block (§2.5: self-attention removed so the model trains on 64->256 crops and samples at 1024²).
+    The 1024 level list means the same *level* (16² on a 256² crop, 64² at 1024²).
+    [open] choices: as ``sr256``, except the skip wiring: one skip per UBlock, the DBlock output
+    added (×1/√2) at the UBlock input, the literal reading of Fig. A.29, which also stores fewer
+    activations at 1024². F.2 and F.3 list the same blocks yet 600M vs 400M params; the skip wiring
+    is where this implementation puts the difference (per-res-block skips add ~120M).
+    """
+    return cls._make(
+      dict(
+        name="sr1024",
+        kind="efficient",
+        image_size=1024,
+        lowres_cond=True,
+        lowres_size=256,
+        model_channels=128,
+        channel_mult=(1, 2, 4, 8),
+        num_res_blocks=(2, 4, 8, 8),
+        attn_resolutions=(),
+        cross_attn_resolutions=(64,),
+        num_heads=8,
+        head_dim=None,
+        attn_hidden_mult=2,
+        mid_attention=False,
+        emb_dim=512,
+        context_dim=512,
+        skip_scale=_INV_SQRT2,
+        long_skip_scale=_INV_SQRT2,
+        decoder_skips="block",
+      ),
+      overrides,
+    )
+
+  @classmethod
+  def tiny_base(cls, **overrides: Any) -> UNetConfig:
+    """CPU-sized base U-Net at 32² (same code paths as ``base64``)."""
+    return cls._make(
+      dict(
+        name="tiny_base",
+        kind="base",
+        image_size=32,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=(1, 1),
+        attn_resolutions=(16,),
+        cross_attn_resolutions=(16,),
+        head_dim=16,
+        emb_dim=64,
+        text_dim=32,
+        context_dim=32,
+        pool_heads=2,
+        text_max_length=16,
+        num_groups=8,
+      ),
+      overrides,
+    )
+
+  @classmethod
+  def tiny_sr(cls, **overrides: Any) -> UNetConfig:
+    """CPU-sized 16²->64² Efficient U-Net with self + text attention (``sr256`` paths)."""
+    return cls._make(
+      dict(
+        name="tiny_sr",
+        kind="efficient",
+        image_size=64,
+        lowres_cond=True,
+        lowres_size=16,
+        model_channels=16,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=(1, 1, 2),
+        attn_resolutions=(8,),
+        cross_attn_resolutions=(8,),
+        num_heads=2,
+        head_dim=None,
+        attn_hidden_mult=2,
+        mid_attention=False,
+        emb_dim=64,
+        text_dim=32,
+        context_dim=32,
+        pool_heads=2,
+        text_max_length=16,
+        num_groups=8,
+        skip_scale=_INV_SQRT2,
+        long_skip_scale=_INV_SQRT2,
+        decoder_skips="resblock",
+      ),
+      overrides,
+    )
+
+  @classmethod
+  def tiny_sr1024(cls, **overrides: Any) -> UNetConfig:
+    """CPU-sized 16²->64² Efficient U-Net without self-attention (``sr1024`` paths)."""
+    return cls.tiny_sr(
+      **{
+        "name": "tiny_sr1024",
+        "attn_resolutions": (),
+        "decoder_skips": "block",
+        **overrides,
+      }
+    )
+
+  @classmethod
+  def from_preset(cls, name: str, **overrides: Any) -> UNetConfig:
+    """Builds preset ``name`` with field ``overrides`` (lists become tuples, for ConfigDicts)."""
+    if name not in PRESETS:
+      raise ValueError(f"Unknown U-Net preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return getattr(cls, name)(**overrides)
+
+  @classmethod
+  def _make(cls, fields: dict[str, Any], overrides: dict[str, Any]) -> UNetConfig:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+      raise ValueError(f"Unknown UNetConfig field(s) {unknown} for preset {fields.get('name')!r}")
+    merged = {**fields, **overrides}
+    merged = {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
+    return cls(**merged)
+
+  # ----------------------------------------------------------------------------------------------
+  # Derived quantities.
+
+  @property
+  def num_levels(self) -> int:
+    return len(self.channel_mult)
+
+  @property
+  def channels(self) -> tuple[int, ...]:
+    """Width of each level."""
+    return tuple(self.model_channels * m for m in self.channel_mult)
+
+  @property
+  def level_downsampling(self) -> tuple[int, ...]:
+    """Downsampling factor of each level. Efficient U-Net DBlocks downsample first (App. B.1)."""
+    first = 1 if self.kind == "base" else 2
+    return tuple(first * 2**i for i in range(self.num_levels))
+
+  @property
+  def total_downsampling(self) -> int:
+    """Image height and width must be divisible by this."""
+    return self.level_downsampling[-1]
+
+  def _levels_of(self, resolutions: tuple[int, ...]) -> tuple[bool, ...]:
+    factors = {self.image_size // r for r in resolutions}
+    return tuple(f in factors for f in self.level_downsampling)
+
+  @property
+  def self_attn_levels(self) -> tuple[bool, ...]:
+    return self._levels_of(self.attn_resolutions)
+
+  @property
+  def cross_attn_levels(self) -> tuple[bool, ...]:
+    return self._levels_of(self.cross_attn_resolutions)
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  @property
+  def remat_policy(self) -> Any:
+    """``None`` for ``"block"`` (save nothing), else the named ``jax.checkpoint_policies`` entry."""
+    return None if self.remat in ("none", "block") else getattr(jax.checkpoint_policies, self.remat)
+
+  def heads_for(self, channels: int) -> tuple[int, int]:
+    """(num_heads, head_dim) of an attention layer on ``channels`` block channels."""
+    hidden = channels * self.attn_hidden_mult
+    if self.num_heads is not None:
+      return self.num_heads, hidden // self.num_heads
+    return hidden // self.head_dim, self.head_dim
+
+  # ----------------------------------------------------------------------------------------------
+
+  def _validate(self) -> None:
+    err = f"UNetConfig {self.name!r}"
+    if self.kind not in KINDS:
+      raise ValueError(f"{err}: kind must be one of {KINDS}, got {self.kind!r}")
+    if len(self.channel_mult) != len(self.num_res_blocks):
+      raise ValueError(f"{err}: channel_mult and num_res_blocks need one entry per level")
+    if self.image_size % self.total_downsampling:
+      raise ValueError(
+        f"{err}: image_size {self.image_size} not divisible by {self.total_downsampling}"
+      )
+    for field in ("attn_resolutions", "cross_attn_resolutions"):
+      level_res = [self.image_size // f for f in self.level_downsampling]
+      bad = [r for r in getattr(self, field) if r not in level_res]
+      if bad:
+        raise ValueError(f"{err}: {field} {bad} are not level resolutions {level_res}")
+    if (self.num_heads is None) == (self.head_dim is None):
+      raise ValueError(f"{err}: set exactly one of num_heads and head_dim")
+    for c in self.channels:
+      heads, dim = self.heads_for(c)
+      if heads * dim != c * self.attn_hidden_mult or c % self.num_groups:
+        raise ValueError(f"{err}: width {c} incompatible with heads/head_dim/num_groups")
+    if self.dtype not in _DTYPES or self.param_dtype not in _DTYPES:
+      raise ValueError(f"{err}: dtype/param_dtype must be in {_DTYPES}")
+    if self.remat not in ("none", "block") and not hasattr(jax.checkpoint_policies, self.remat):
+      raise ValueError(f"{err}: remat must be 'none', 'block' or a jax.checkpoint_policies name")
+    if self.decoder_skips not in ("block", "resblock"):
+      raise ValueError(f"{err}: decoder_skips must be 'block' or 'resblock'")
+    if self.attention_impl not in (None, "xla", "cudnn"):
+      raise ValueError(f"{err}: attention_impl must be None, 'xla' or 'cudnn'")
+
+
+PRESETS = ("base64", "sr256", "sr1024", "tiny_base", "tiny_sr", "tiny_sr1024")

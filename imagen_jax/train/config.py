@@ -1,0 +1,208 @@
+"""Training config schema: defaults for a run and for each cascade stage, and their validation.
+
+``configs/*.py`` files build on :func:`run_config` and :func:`stage_config`, so every config has the
+same fields and every field has one documented default. A run trains the stages named in
+``config.stage_order`` in turn; each stage writes to ``workdir/<stage name>/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+SOURCES = ("shapes", "folder", "manifest", "tfds")
+OBJECTIVES = ("eps", "x0", "v")
+DTYPES = ("float32", "bfloat16")
+
+
+def stage_config(
+  name: str, preset: str, image_size: int, lowres_size: int | None = None, **overrides: Any
+) -> ml_collections.ConfigDict:
+  """Defaults for one cascade stage (the paper's recipe where it gives one).
+
+  Args:
+    name: stage name; its checkpoints go to ``workdir/<name>/checkpoints``.
+    preset: ``UNetConfig`` preset (``base64``, ``sr256``, ``sr1024``, ``tiny_base``...).
+    image_size: output resolution of the stage.
+    lowres_size: conditioning resolution for super-resolution stages (None for the base).
+    **overrides: any top-level stage field.
+  """
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.model = ml_collections.ConfigDict({"preset": preset})  # + any UNetConfig field override
+  c.image_size = image_size
+  c.lowres_size = lowres_size
+  c.crop_size = 0  # >0: train on random crops of this size (Imagen's 1024 stage: 256 of 1024)
+  c.schedule = "cosine"
+  c.objective = "eps"  # Imagen: epsilon prediction (§2.2)
+  c.min_snr_gamma = 0.0  # 0 disables min-SNR-gamma loss weighting
+  c.batch_size = 2048  # global batch (paper)
+  c.grad_accum = 1  # micro-batches per optimizer update
+  c.total_steps = 2_500_000
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
+      name="adam",
+      lr=1e-4,
+      warmup_steps=10_000,
+      schedule="cosine",
+      end_lr=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      clip_norm=1.0,
+    )
+  )
+  c.ema_decay = 0.9999
+  c.ema_warmup = True
+  c.text_drop_prob = 0.1  # Imagen §4.1: zero the text embeddings 10% of the time (for CFG)
+  c.max_aug_level = 1.0  # SR stages: training aug_level ~ U(0, max_aug_level)
+  c.compute_dtype = "float32"
+  c.max_consecutive_nonfinite = 20  # skipped updates in a row before stopping
+  c.ckpt_every = 1000
+  c.keep_ckpts = 3
+  c.log_every = 50
+  c.eval_every = 5000  # samples + evaluators on EMA weights; 0 disables periodic evals
+  c.num_eval_samples = 16
+  c.final_eval = True  # sample grid (+ evaluators) on EMA weights when the stage finishes
+  c.init_from = ""
+  c.sample = ml_collections.ConfigDict(
+    dict(
+      sampler="dpmpp_2m",
+      steps=25,
+      guidance=5.0,
+      thresholding="dynamic",
+      percentile=99.5,
+      aug_level=0.2,  # Imagen: 0.1-0.3 for the best samples
+    )
+  )
+  c.update(overrides)
+  return c
+
+
+def run_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """Defaults for a whole run (data, text encoder, evals) without stages."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stages = ml_collections.ConfigDict()
+  c.stage_order = ()
+  c.train_stages = ""  # comma-separated subset of stage_order; empty = all
+  c.init_from = ""  # a previous run's workdir (or, with one stage, a stage checkpoint dir)
+  c.text = ml_collections.ConfigDict(
+    dict(
+      encoder="",  # "shapes_demo", a Hugging Face T5 checkpoint directory, or a hub id
+      max_length=128,
+      dtype="float32",
+      embedding_cache="",  # directory written by `python -m imagen_jax.tools.encode_texts`
+    )
+  )
+  c.data = ml_collections.ConfigDict(
+    dict(
+      source="shapes",
+      path="",  # folder / manifest path, or tfds builder directory
+      tfds_name="",
+      tfds_data_dir="",
+      split="train",
+      image_key="image",
+      caption_key="caption",
+      shuffle=True,
+      flip=False,
+      crop="center",
+      max_pixels=64_000_000,
+      worker_count=0,
+      shapes_two_object_prob=0.3,
+    )
+  )
+  c.evals = ml_collections.ConfigDict(dict(shapes_alignment=False, num_prompts=64))
+  c.update(overrides)
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails fast on mistakes that would otherwise surface deep in XLA; messages name the field."""
+  if not config.stage_order:
+    raise ValueError("config.stage_order is empty: list at least one stage from config.stages")
+  for name in config.stage_order:
+    if name not in config.stages:
+      raise ValueError(
+        f"config.stage_order names {name!r}, but config.stages has {sorted(config.stages)}"
+      )
+  for name in selected_stages(config):
+    s = config.stages[name]
+    where = f"config.stages.{name}"
+    if s.objective not in OBJECTIVES:
+      raise ValueError(f"{where}.objective={s.objective!r}; choose one of {OBJECTIVES}")
+    if s.compute_dtype not in DTYPES:
+      raise ValueError(f"{where}.compute_dtype={s.compute_dtype!r}; choose one of {DTYPES}")
+    for field in ("batch_size", "total_steps", "grad_accum", "ckpt_every", "log_every"):
+      if int(s[field]) < 1:
+        raise ValueError(f"{where}.{field} must be >= 1, got {s[field]}")
+    if s.batch_size % s.grad_accum:
+      raise ValueError(
+        f"{where}.batch_size={s.batch_size} is not divisible by grad_accum={s.grad_accum}"
+      )
+    if not 0.0 <= s.text_drop_prob <= 1.0:
+      raise ValueError(f"{where}.text_drop_prob must be in [0, 1], got {s.text_drop_prob}")
+    if not 0.0 <= s.max_aug_level <= 1.0:
+      raise ValueError(f"{where}.max_aug_level must be in [0, 1], got {s.max_aug_level}")
+    if not 0.0 <= s.ema_decay < 1.0:
+      raise ValueError(f"{where}.ema_decay must be in [0, 1), got {s.ema_decay}")
+    if s.lowres_size is not None and s.lowres_size >= s.image_size:
+      raise ValueError(
+        f"{where}.lowres_size={s.lowres_size} must be smaller than image_size={s.image_size}"
+      )
+  if config.data.source not in SOURCES:
+    raise ValueError(f"config.data.source={config.data.source!r}; choose one of {SOURCES}")
+  if config.data.source in ("folder", "manifest") and not config.data.path:
+    raise ValueError(f"config.data.source={config.data.source!r} needs config.data.path")
+  if config.data.source == "tfds" and not (config.data.tfds_name or config.data.path):
+    raise ValueError("config.data.source='tfds' needs config.data.tfds_name or config.data.path")
+  if not (config.text.encoder or config.text.embedding_cache):
+    raise ValueError(
+      "config.text.encoder is empty: set it to 'shapes_demo', a T5 checkpoint directory, or a hub "
+      "id (or set config.text.embedding_cache)"
+    )
+
+
+def selected_stages(config: ml_collections.ConfigDict) -> list[str]:
+  """Stages this invocation trains, in ``stage_order``."""
+  if not config.train_stages:
+    return list(config.stage_order)
+  wanted = [s.strip() for s in config.train_stages.split(",") if s.strip()]
+  unknown = [s for s in wanted if s not in config.stage_order]
+  if unknown:
+    raise ValueError(
+      f"config.train_stages names {unknown}, not in config.stage_order={list(config.stage_order)}"
+    )
+  return [s for s in config.stage_order if s in wanted]
+
+
+def paper_config(*stages: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A run of the given stages with the paper's text encoder (T5-XXL, 128 tokens).
+
+  The data source must be set by the user (``--config.data.source/path``).
+  """
+  c = run_config()
+  c.text.encoder = "google/t5-v1_1-xxl"
+  c.text.max_length = 128
+  c.text.dtype = "bfloat16"
+  c.data.source = "folder"
+  for s in stages:
+    c.stages[s.name] = s
+  c.stage_order = tuple(s.name for s in stages)
+  return c
+
+
+def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a paper config to CPU size: shapes data, the demo text encoder, short schedules."""
+  c.text.update(encoder="shapes_demo", max_length=16, dtype="float32")
+  c.data.source = "shapes"
+  c.data.shuffle = False
+  for name in c.stage_order:
+    c.stages[name].update(
+      batch_size=8, total_steps=200, ckpt_every=100, log_every=10, eval_every=0, ema_decay=0.999
+    )
+    c.stages[name].optimizer.update(lr=1e-3, warmup_steps=20)
+    c.stages[name].sample.update(steps=10, guidance=3.0)
+  return c

@@ -1,0 +1,87 @@
+"""A cascade stage's U-Net as a pure function: ``apply(params, ...)`` over a plain params pytree.
+
+Params are a nested dict of arrays (``nnx.to_pure_dict``), which optax, Orbax and the train step
+treat as an ordinary pytree; the graph definition stays static. The model is never built eagerly
+with random weights on the host: ``init_params`` runs inside ``jax.jit``, so the weights are
+created directly on device (and, with shardings, directly sharded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from imagen_jax.models.unet import build_unet
+from imagen_jax.models.unet_config import UNetConfig
+
+
+def unet_config_for_stage(stage: Any, text_dim: int) -> UNetConfig:
+  """``UNetConfig`` of a stage: its preset + ``stage.model`` overrides, sized to the text encoder.
+
+  ``text_dim`` always follows the text encoder actually used (the paper presets assume T5-XXL's
+  4096), and ``dtype`` follows ``stage.compute_dtype``.
+  """
+  overrides = {k: v for k, v in dict(stage.model).items() if k != "preset"}
+  for k, v in list(overrides.items()):
+    if isinstance(v, list):
+      overrides[k] = tuple(v)
+  overrides.setdefault("text_dim", int(text_dim))
+  overrides.setdefault("dtype", stage.compute_dtype)
+  cfg = UNetConfig.from_preset(stage.model.preset, **overrides)
+  is_sr = stage.lowres_size is not None
+  if cfg.lowres_cond != is_sr:
+    raise ValueError(
+      f"config.stages.{stage.name}: model preset {stage.model.preset!r} has lowres_cond="
+      f"{cfg.lowres_cond} but the stage lowres_size={stage.lowres_size}; use a super-resolution "
+      "preset (sr256, sr1024, tiny_sr...) exactly when lowres_size is set"
+    )
+  if cfg.image_size != stage.image_size:
+    # Attention resolutions are defined relative to the preset's image size, so it is never
+    # silently changed (crops of a larger image are fine: see stage.crop_size).
+    raise ValueError(
+      f"config.stages.{stage.name}.image_size={stage.image_size} but model preset "
+      f"{stage.model.preset!r} is built for {cfg.image_size}; set "
+      f"config.stages.{stage.name}.model.image_size (and its attention resolutions) to match"
+    )
+  return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class StageModel:
+  """The static half of a stage's U-Net (config + graph) with pure ``init_params`` / ``apply``."""
+
+  config: UNetConfig
+  graphdef: Any
+  abstract_state: Any  # nnx.State of ShapeDtypeStructs: the template params are merged into
+  seed: int
+
+  @classmethod
+  def create(cls, stage: Any, *, text_dim: int, seed: int = 0) -> StageModel:
+    cfg = unet_config_for_stage(stage, text_dim)
+    abstract = nnx.eval_shape(lambda: build_unet(cfg, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    return cls(cfg, graphdef, abstract_state, seed)
+
+  def init_params(self) -> dict:
+    """Random initial params as a pure dict (call inside ``jax.jit``)."""
+    model = build_unet(self.config, rngs=nnx.Rngs(self.seed))
+    return nnx.to_pure_dict(nnx.state(model))
+
+  def abstract_params(self) -> dict:
+    return nnx.to_pure_dict(self.abstract_state)
+
+  def merge(self, params: dict) -> nnx.Module:
+    state = jax.tree.map(lambda x: x, self.abstract_state)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state)
+
+  def apply(self, params: dict, x, logsnr, text_emb, text_mask, **kwargs) -> jax.Array:
+    """The U-Net forward as a pure function of ``params`` (see ``UNet.__call__``)."""
+    return self.merge(params)(x, logsnr, text_emb, text_mask, **kwargs)
+
+  def num_params(self) -> int:
+    return sum(int(jnp.size(x)) for x in jax.tree.leaves(self.abstract_params()))

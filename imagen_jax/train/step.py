@@ -1,0 +1,165 @@
+"""The train state and one jitted, donated training step for a cascade stage.
+
+The state is a plain pytree (checkpointed as-is by Orbax)::
+
+  {"step": int32 [], "params": ..., "ema_params": ..., "opt_state": ...,
+   "rng": uint32 [2] (raw key data), "nonfinite_run": int32 [], "skipped": int32 []}
+
+One step: text dropout (the CFG null condition), noise-conditioning augmentation of the low-res
+image (SR stages), t ~ U(0, 1) and z_t = α_t x + σ_t ε, the objective's loss, gradients averaged
+over ``grad_accum`` micro-batches, a finite check (non-finite → the update is skipped and
+counted), the optimizer update and the EMA update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from imagen_jax import diffusion
+from imagen_jax.train import optim
+
+NUM_T_BUCKETS = 4  # per-t-bucket loss: t in [0, .25), [.25, .5), [.5, .75), [.75, 1]
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> dict:
+  """A fresh train state; EMA starts equal to the params."""
+  return {
+    "step": jnp.zeros((), jnp.int32),
+    "params": params,
+    "ema_params": jax.tree.map(jnp.copy, params),
+    "opt_state": tx.init(params),
+    "rng": jax.random.key_data(rng),
+    "nonfinite_run": jnp.zeros((), jnp.int32),
+    "skipped": jnp.zeros((), jnp.int32),
+  }
+
+
+def drop_text(rng: jax.Array, emb: jax.Array, mask: jax.Array, p: float):
+  """Imagen §4.1: zero the text embeddings (and mask) of a fraction ``p`` of examples.
+
+  Zeroed embeddings with an all-false mask are the same null condition the sampler uses for the
+  unconditional branch of classifier-free guidance.
+  """
+  drop = jax.random.bernoulli(rng, p, (emb.shape[0],))  # [B]
+  emb = jnp.where(drop[:, None, None], 0.0, emb).astype(emb.dtype)  # [B, L, D]
+  mask = jnp.logical_and(mask, ~drop[:, None])  # [B, L]
+  return emb, mask
+
+
+def make_loss_fn(apply_fn: Callable, stage: Any, schedule: Any) -> Callable:
+  """``loss_fn(params, batch, rng) -> (mean loss, aux)`` for one micro-batch.
+
+  ``apply_fn(params, x_t, logsnr, text_emb, text_mask, lowres=None, aug_logsnr=None)`` is the
+  U-Net's pure forward.
+  """
+  is_sr = stage.lowres_size is not None
+
+  def loss_fn(params, batch, rng):
+    rng_drop, rng_aug, rng_t = jax.random.split(rng, 3)
+    x0 = batch["image"]  # [B, H, W, C]
+    emb, mask = drop_text(rng_drop, batch["text_emb"], batch["text_mask"], stage.text_drop_prob)
+    kwargs = {}
+    if is_sr:
+      b = x0.shape[0]
+      # Imagen §2.4: a random aug level per example; the model is told the level.
+      level = jax.random.uniform(rng_aug, (b,), maxval=stage.max_aug_level)
+      lowres, aug_logsnr = diffusion.noise_augment(
+        jax.random.fold_in(rng_aug, 1), batch["lowres"], schedule, level
+      )
+      kwargs = {"lowres": lowres, "aug_logsnr": aug_logsnr}
+    x_t, t, logsnr, eps = diffusion.sample_training_inputs(rng_t, x0, schedule)
+    pred = apply_fn(params, x_t, logsnr, emb, mask, **kwargs)
+    per_example = diffusion.diffusion_loss(
+      pred.astype(jnp.float32),
+      x0,
+      eps,
+      logsnr,
+      objective=stage.objective,
+      min_snr_gamma=stage.min_snr_gamma or None,
+    )  # [B]
+    bucket = jnp.clip((t * NUM_T_BUCKETS).astype(jnp.int32), 0, NUM_T_BUCKETS - 1)  # [B]
+    onehot = jax.nn.one_hot(bucket, NUM_T_BUCKETS)  # [B, K]
+    aux = {"bucket_sum": per_example @ onehot, "bucket_count": onehot.sum(0)}
+    return per_example.mean(), aux
+
+  return loss_fn
+
+
+def _split_micro(batch: dict, n: int) -> dict:
+  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+
+
+def make_train_step(
+  apply_fn: Callable,
+  tx: optax.GradientTransformation,
+  lr_schedule: optax.Schedule,
+  stage: Any,
+  schedule: Any,
+) -> Callable[[dict, dict], tuple[dict, dict]]:
+  """Builds ``train_step(state, batch) -> (state, metrics)`` (pure; jit it with donation)."""
+  loss_fn = make_loss_fn(apply_fn, stage, schedule)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  n_micro = int(stage.grad_accum)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    params = state["params"]
+    if n_micro == 1:
+      (loss, aux), grads = grad_fn(params, batch, rng)
+    else:
+      micro = _split_micro(batch, n_micro)
+
+      def body(carry, inp):
+        i, mb = inp
+        (loss_i, a), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (loss_i, a, g)), None
+
+      zeros = (
+        jnp.zeros(()),
+        {"bucket_sum": jnp.zeros(NUM_T_BUCKETS), "bucket_count": jnp.zeros(NUM_T_BUCKETS)},
+        jax.tree.map(jnp.zeros_like, params),
+      )
+      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(n_micro), micro))
+      loss = loss / n_micro
+      grads = jax.tree.map(lambda g: g / n_micro, grads)
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    decay = optim.ema_decay(state["step"], stage.ema_decay, stage.ema_warmup)
+    new_ema = optim.ema_update(state["ema_params"], new_params, decay)
+
+    # A non-finite loss or gradient skips the whole update (params, optimizer, EMA unchanged).
+    def keep(new, old):
+      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = {
+      "step": state["step"] + 1,
+      "params": keep(new_params, params),
+      "ema_params": keep(new_ema, state["ema_params"]),
+      "opt_state": keep(new_opt, state["opt_state"]),
+      "rng": state["rng"],
+      "nonfinite_run": jnp.where(finite, 0, state["nonfinite_run"] + 1),
+      "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+    }
+    metrics = {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "param_norm": optax.global_norm(params),
+      "update_norm": jnp.where(finite, optax.global_norm(updates), 0.0),
+      "lr": lr_schedule(state["step"]),
+      "skipped_steps": new_state["skipped"],
+      "nonfinite_run": new_state["nonfinite_run"],
+    }
+    for k in range(NUM_T_BUCKETS):
+      # NaN (→ null in metrics.jsonl) when no example fell in the bucket this step.
+      metrics[f"loss_t{k}"] = aux["bucket_sum"][k] / aux["bucket_count"][k]
+    return new_state, metrics
+
+  return train_step

@@ -1,0 +1,168 @@
+"""Text conditioning for training: a frozen T5 (real checkpoint or the shapes demo) or the cache.
+
+``config.text.encoder`` selects it:
+
+* a Hugging Face T5 checkpoint directory or hub id (e.g. ``google/t5-v1_1-xxl``, as in Imagen);
+* ``"shapes_demo"``: a small T5 architecture with frozen random weights (deterministic from the
+  seed) and a word-level sentencepiece tokenizer trained on the shapes caption grammar. It is
+  written to ``workdir/text_encoder/`` in Hugging Face format, so ``sample.py`` and
+  ``T5Encoder.from_pretrained`` load it like any T5. A random frozen encoder still maps every
+  caption to a distinct, deterministic embedding sequence — all a U-Net needs to learn the
+  grammar's 23 words; it has no pretrained language knowledge, which the demo does not need.
+
+With ``config.text.embedding_cache`` the pipeline reads precomputed embeddings instead and no T5
+is held in memory during training.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+DEMO_ENCODER = "shapes_demo"
+
+
+class TextConditioner:
+  """Turns batches and prompts into ``(text_emb [B, L, D], text_mask [B, L])``."""
+
+  def __init__(self, encoder: Any = None, cache: Any = None):
+    if encoder is None and cache is None:
+      raise ValueError("TextConditioner needs a T5Encoder or an EmbeddingCache")
+    self.encoder, self.cache = encoder, cache
+    if encoder is not None and cache is not None and encoder.d_model != cache.d_model:
+      raise ValueError(
+        f"config.text.embedding_cache has d_model {cache.d_model} but config.text.encoder has "
+        f"{encoder.d_model}: the cache was written by a different encoder"
+      )
+    self.d_model = int(encoder.d_model if encoder is not None else cache.d_model)
+    if encoder is not None:
+      self._encode = jax.jit(_zero_padded(encoder))
+
+  def pipeline_kwargs(self) -> dict:
+    """What the data pipeline adds to each batch: cached embeddings, else token ids."""
+    if self.cache is not None:
+      return {"embedding_cache": self.cache}
+    tok = self.encoder.tokenizer
+
+    def tokenize_fn(captions):
+      ids, mask = tok(list(captions))
+      return {"input_ids": ids, "attention_mask": mask}
+
+    return {"tokenize_fn": tokenize_fn}
+
+  def prepare_batch(self, batch: dict) -> dict:
+    """Replaces token ids by ``text_emb``/``text_mask`` (encoded on device) where needed."""
+    if "text_emb" in batch:
+      batch["text_mask"] = np.asarray(batch["text_mask"], bool)
+      return batch
+    ids, mask = batch.pop("input_ids"), np.asarray(batch.pop("attention_mask"), bool)
+    batch["text_emb"] = self._encode(self.encoder.state, jnp.asarray(ids), jnp.asarray(mask))
+    batch["text_mask"] = mask
+    return batch
+
+  def encode_prompts(self, prompts: list[str]) -> tuple[jax.Array, jax.Array]:
+    """Embeddings for arbitrary prompts (evals, sampling)."""
+    if self.encoder is not None:
+      ids, mask = self.encoder.tokenize(list(prompts))
+      return self._encode(self.encoder.state, jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(
+        mask
+      )
+    emb, mask = self.cache.lookup(list(prompts))
+    return jnp.asarray(emb), jnp.asarray(mask, bool)
+
+
+def _zero_padded(encoder):
+  graphdef = encoder.graphdef
+
+  def encode(state, ids, mask):
+    hidden = encoder.apply(graphdef, state, ids, mask)  # [B, L, D]
+    return jnp.where(mask[..., None], hidden, 0).astype(hidden.dtype)
+
+  return encode
+
+
+def build_text_conditioner(config: ml_collections.ConfigDict, workdir: str) -> TextConditioner:
+  """The conditioner for ``config.text`` (building the demo encoder in the workdir if asked)."""
+  from imagen_jax.text import T5Encoder
+
+  t = config.text
+  dtype = jnp.bfloat16 if t.dtype == "bfloat16" else jnp.float32
+  encoder = cache = None
+  if t.encoder == DEMO_ENCODER:
+    path = os.path.join(workdir, "text_encoder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+      if jax.process_index() == 0:
+        write_demo_encoder(path, seed=config.seed, max_length=t.max_length)
+      _sync("demo_text_encoder")
+    encoder = T5Encoder.from_pretrained(path, dtype=dtype, max_length=t.max_length, progress=False)
+  elif t.encoder:
+    encoder = T5Encoder.from_pretrained(t.encoder, dtype=dtype, max_length=t.max_length)
+  if t.embedding_cache:
+    from imagen_jax.tools.encode_texts import EmbeddingCache
+
+    cache = EmbeddingCache(t.embedding_cache)
+  return TextConditioner(encoder, cache)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def write_demo_encoder(path: str, *, seed: int = 0, max_length: int = 16) -> str:
+  """Writes the shapes demo text encoder (tokenizer + random tiny T5) in Hugging Face format."""
+  import sentencepiece as spm
+  from flax import nnx
+  from transformers import T5Tokenizer
+
+  from imagen_jax.data import shapes
+  from imagen_jax.models.t5 import T5Config, T5EncoderModule
+  from imagen_jax.models.t5_loading import save_t5_encoder
+
+  os.makedirs(path, exist_ok=True)
+  words = shapes.vocabulary()
+  corpus = [" ".join(words)] + shapes.all_single_object_captions()
+  buf = io.BytesIO()
+  # A word-level model: every grammar word is one token, so captions tokenize unambiguously.
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(corpus),
+    model_writer=buf,
+    vocab_size=len(words) + 3,
+    hard_vocab_limit=False,
+    model_type="word",
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+    minloglevel=2,
+  )
+  raw = os.path.join(path, "_spm")
+  os.makedirs(raw, exist_ok=True)
+  with open(os.path.join(raw, "spiece.model"), "wb") as f:
+    f.write(buf.getvalue())
+  tok = T5Tokenizer.from_pretrained(raw, extra_ids=0)
+  tok.model_max_length = max_length
+  tok.save_pretrained(path)
+  import shutil
+
+  shutil.rmtree(raw)
+  cfg = T5Config(
+    vocab_size=len(tok),
+    d_model=64,
+    d_kv=16,
+    d_ff=128,
+    num_layers=2,
+    num_heads=4,
+    feed_forward_proj="gated-gelu",
+  )
+  model = T5EncoderModule(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32, param_dtype=jnp.float32)
+  save_t5_encoder(model, path)
+  return path

@@ -1,0 +1,232 @@
+"""``train_and_evaluate``: train the stages of a cascade in turn, with exact resume.
+
+Reads top to bottom like an algorithm box (house style, after big_vision's ``train.py``)::
+
+  for each stage in config.stage_order:
+    1. model + optimizer built from shapes, materialised directly on device
+    2. data pipeline (Grain), checkpointable
+    3. restore, in this order: (a) the stage's own latest checkpoint in the workdir,
+       (b) config.init_from (params only), (c) from scratch
+    4. loop: jitted donated step → metrics → checkpoint policy → periodic EMA samples + evals
+    5. final checkpoint, sample grid, summary
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from imagen_jax import checkpoint as ckpt_lib
+from imagen_jax import diffusion, metrics
+from imagen_jax.sample.stage import SamplerSettings, make_stage_sampler
+from imagen_jax.train import config as config_lib
+from imagen_jax.train import data as data_lib
+from imagen_jax.train import model as model_lib
+from imagen_jax.train import optim
+from imagen_jax.train import step as step_lib
+from imagen_jax.train.text_cond import TextConditioner, build_text_conditioner
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive non-finite updates: training stopped, last good checkpoint kept."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+  """Trains every stage in ``config.stage_order`` (or ``config.train_stages``) under ``workdir``.
+
+  Each stage writes ``workdir/<stage>/{checkpoints/, metrics.jsonl, tensorboard/, samples/}``.
+  Every run resumes automatically from the latest complete checkpoint in its workdir.
+
+  Returns:
+    stage name → summary dict (final step, last metrics, eval results, paths).
+  """
+  config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  text = build_text_conditioner(config, workdir)
+  summaries = {}
+  for name in config_lib.selected_stages(config):
+    summaries[name] = train_stage(config, name, workdir, text)
+  if jax.process_index() == 0:
+    _print_summary(workdir, summaries)
+  return summaries
+
+
+def train_stage(
+  config: ml_collections.ConfigDict, name: str, workdir: str, text: TextConditioner
+) -> dict:
+  """Trains one stage to ``total_steps`` (resuming if possible); returns its summary."""
+  stage = config.stages[name]
+  stage_dir = os.path.join(workdir, name)
+  log.info("==== stage %s: %s at %d² ====", name, stage.model.preset, stage.image_size)
+
+  # ---- 1. Model, optimizer, state (from shapes, materialised on device) -------------------------
+  model = model_lib.StageModel.create(stage, text_dim=text.d_model, seed=config.seed)
+  schedule = diffusion.get_schedule(stage.schedule, **_schedule_kwargs(stage))
+  tx, lr_schedule = optim.make_optimizer(stage.optimizer, stage.total_steps)
+  rng = jax.random.fold_in(jax.random.key(config.seed), hash(name) % (2**31))
+  state = jax.jit(lambda: step_lib.init_state(model.init_params(), tx, rng))()
+  abstract_state = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
+  train_step = jax.jit(
+    step_lib.make_train_step(model.apply, tx, lr_schedule, stage, schedule), donate_argnums=0
+  )
+
+  # ---- 2. Data ---------------------------------------------------------------------------------
+  data_iter = data_lib.make_train_iterator(config, stage, text)
+
+  # ---- 3. Restore: (a) own checkpoint, (b) init_from, (c) scratch ------------------------------
+  ckpt = ckpt_lib.Checkpointer(
+    os.path.join(stage_dir, "checkpoints"), save_every=stage.ckpt_every, keep=stage.keep_ckpts
+  )
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(abstract_state, data_iter=data_iter)
+    log.info("Resumed stage %s from step %d", name, int(state["step"]))
+  elif stage.init_from or config.init_from:
+    src = _init_from_path(stage.init_from or config.init_from, name)
+    params = ckpt_lib.restore_params(src, abstract_state["params"])
+    state = jax.jit(lambda p: step_lib.init_state(p, tx, rng))(params)
+    log.info("Initialised stage %s from %s", name, src)
+  start = int(state["step"])
+
+  # ---- 4. Loop ---------------------------------------------------------------------------------
+  writer = metrics.MetricWriter(stage_dir)
+  evaluator = _StageEvaluator(config, stage, model, schedule, text, stage_dir)
+  run_config = json.loads(config.to_json_best_effort())
+  bad_totals: dict[str, int] = {}
+  last_metrics: dict[str, float] = {}
+  pending: list[dict] = []
+  t_last, step_last = time.time(), start
+  bar = tqdm(
+    total=stage.total_steps, initial=start, desc=f"train {name}", disable=jax.process_index() != 0
+  )
+  step = start
+  try:
+    while step < stage.total_steps:
+      batch = next(data_iter)
+      for k in [k for k in batch if k.startswith("bad_")]:
+        bad_totals[k] = bad_totals.get(k, 0) + int(np.sum(batch.pop(k)))
+      state, m = train_step(state, text.prepare_batch(batch))
+      step += 1
+      pending.append(m)
+      if step % stage.log_every == 0 or step == stage.total_steps:
+        host = jax.device_get(pending)
+        pending = []
+        last_metrics = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
+        last_metrics["skipped_steps"] = float(host[-1]["skipped_steps"])
+        if host[-1]["nonfinite_run"] >= stage.max_consecutive_nonfinite:
+          raise NonFiniteError(
+            f"stage {name}: {int(host[-1]['nonfinite_run'])} consecutive non-finite updates at "
+            f"step {step} (limit config.stages.{name}.max_consecutive_nonfinite); stopped without "
+            f"saving — the last good checkpoint in {ckpt.directory} is intact. Lower the learning "
+            "rate or check the data."
+          )
+        now = time.time()
+        steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
+        t_last, step_last = now, step
+        last_metrics.update(
+          steps_per_s=steps_per_s, images_per_s=steps_per_s * stage.batch_size, **bad_totals
+        )
+        last_metrics.pop("nonfinite_run", None)
+        writer.write_scalars(step, last_metrics)
+        bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", refresh=False)
+      bar.update(1)
+      preempted = ckpt.preempted or ckpt._manager.reached_preemption(step)
+      ckpt.save(step, state, data_iter=data_iter, config=run_config, force=preempted)
+      if preempted:
+        ckpt.wait()
+        raise SystemExit(f"Preempted: checkpoint saved at step {step} in {ckpt.directory}")
+      if stage.eval_every and step % stage.eval_every == 0 and step < stage.total_steps:
+        evaluator.run(step, state["ema_params"], writer)
+  finally:
+    bar.close()
+
+  # ---- 5. Final checkpoint, samples, summary ---------------------------------------------------
+  if ckpt.latest_step() != step:
+    ckpt.save(step, state, data_iter=data_iter, config=run_config, force=True)
+  ckpt.close()
+  results = evaluator.run(step, state["ema_params"], writer) if stage.final_eval else {}
+  writer.close()
+  return {
+    "step": step,
+    "metrics": last_metrics,
+    "evals": results,
+    "stage_dir": stage_dir,
+    "checkpoints": os.path.join(stage_dir, "checkpoints"),
+  }
+
+
+def _schedule_kwargs(stage) -> dict:
+  return {"image_size": stage.image_size} if stage.schedule == "shifted_cosine" else {}
+
+
+def _init_from_path(path: str, stage_name: str) -> str:
+  """A run workdir maps to its ``<stage>/checkpoints``; anything else is used as given."""
+  candidate = os.path.join(path, stage_name, "checkpoints")
+  return candidate if os.path.isdir(candidate) else path
+
+
+class _StageEvaluator:
+  """Samples a grid with EMA params (and, on the shapes data, scores prompt alignment)."""
+
+  def __init__(self, config, stage, model, schedule, text, stage_dir):
+    self.stage, self.text, self.model = stage, text, model
+    self.settings = SamplerSettings.from_config(stage.sample)
+    self.sampler = make_stage_sampler(model.apply, schedule, stage.objective, self.settings)
+    self.evaluator = None
+    n = stage.num_eval_samples
+    if config.data.source == "shapes" and config.evals.shapes_alignment:
+      from imagen_jax.evaluators.shapes import ShapesAlignmentEvaluator
+
+      self.evaluator = ShapesAlignmentEvaluator(num_prompts=config.evals.num_prompts, seed=0)
+      self.prompts = list(self.evaluator.prompts)
+    else:
+      self.prompts = data_lib.eval_prompts(config, n)
+    self.lowres = None
+    if stage.lowres_size is not None:
+      self.lowres = data_lib.eval_lowres(config, stage, self.prompts)
+    self.rng = jax.random.key(config.seed + 1)
+
+  def run(self, step: int, ema_params: Any, writer: metrics.MetricWriter) -> dict:
+    emb, mask = self.text.encode_prompts(self.prompts)
+    null_emb, null_mask = jnp.zeros_like(emb), jnp.zeros_like(mask)
+    shape = (len(self.prompts), self.stage.image_size, self.stage.image_size, 3)
+    x_T = jax.random.normal(self.rng, shape)
+    images = self.sampler(ema_params, self.rng, emb, mask, null_emb, null_mask, x_T, self.lowres)
+    images = np.asarray(jax.device_get(images))
+    results = {}
+    if self.evaluator is not None:
+      results = {f"eval/{k}": v for k, v in self.evaluator.run(images).items()}
+      writer.write_scalars(step, results)
+    grid = metrics.image_grid(images[: self.stage.num_eval_samples])
+    paths = writer.write_images(step, {"samples_ema": grid})
+    results["grid"] = paths.get("samples_ema", "")
+    return results
+
+
+def _print_summary(workdir: str, summaries: dict) -> None:
+  print(f"\nTraining finished. Workdir: {workdir}")
+  for name, s in summaries.items():
+    loss = s["metrics"].get("loss", float("nan"))
+    align = s["evals"].get("eval/alignment")
+    extra = f", alignment {align:.3f}" if align is not None else ""
+    print(f"  {name}: step {s['step']}, loss {loss:.4f}{extra}")
+    print(f"    checkpoints: {s['checkpoints']}")
+    if s["evals"].get("grid"):
+      print(f"    sample grid: {s['evals']['grid']}")
+  print(f"Sample from it:  python sample.py --workdir={workdir}")

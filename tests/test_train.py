@@ -1,0 +1,166 @@
+"""train_and_evaluate end to end on tiny configs: outputs, strict restore, non-finite handling."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagen_jax.checkpoint import CheckpointMismatchError
+from imagen_jax.train import NonFiniteError, train_and_evaluate
+from imagen_jax.train import data as data_lib
+from imagen_jax.train import step as step_lib
+from imagen_jax.train.config import stage_config
+from tests.train_utils import load_config, tiny_base_config
+
+
+def _read_jsonl(path):
+  return [json.loads(line) for line in open(path)]
+
+
+def test_two_stage_demo_writes_checkpoints_metrics_events_and_grids(tmp_path):
+  config = load_config("shapes", "ci")  # base 32² + SR 32→64², 4 steps each
+  for s in (config.stages.base, config.stages.sr):
+    s.batch_size = 4
+    s.log_every = 2
+    s.sample.steps = 2
+  config.evals.num_prompts = 8
+  out = train_and_evaluate(config, str(tmp_path))
+  assert set(out) == {"base", "sr"}
+  for name, size in (("base", 32), ("sr", 64)):
+    stage_dir = tmp_path / name
+    assert out[name]["step"] == 4
+    assert (stage_dir / "checkpoints" / "4" / "state").is_dir()
+    records = _read_jsonl(stage_dir / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4]
+    for key in ("grad_norm", "lr", "images_per_s", "bad_corrupt", "loss_t0", "skipped_steps"):
+      assert key in train[-1]
+    assert np.isfinite(train[-1]["loss"])
+    evals = [r for r in records if "eval/alignment" in r]
+    assert evals and 0.0 <= evals[-1]["eval/alignment"] <= 1.0
+    events = list((stage_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert "loss" in acc.Tags()["scalars"] and "samples_ema" in acc.Tags()["images"]
+    grid = Image.open(out[name]["evals"]["grid"])
+    assert grid.mode == "RGB" and grid.size[0] > size  # a real PNG with several samples
+  assert (tmp_path / "text_encoder" / "model.safetensors").is_file()
+  assert json.loads((tmp_path / "config.json").read_text())["stage_order"] == ["base", "sr"]
+
+
+@pytest.mark.parametrize("name", ["base64", "sr256", "sr1024"])
+def test_two_steps_of_each_paper_stage_config_tiny(tmp_path, name):
+  config = load_config(name, "tiny")
+  stage = config.stages[config.stage_order[0]]
+  stage.total_steps, stage.batch_size, stage.log_every = 2, 2, 1
+  stage.eval_every, stage.final_eval = 0, False
+  out = train_and_evaluate(config, str(tmp_path))
+  (summary,) = out.values()
+  assert summary["step"] == 2 and np.isfinite(summary["metrics"]["loss"])
+
+
+def test_resume_continues_and_strict_restore_rejects_other_model(tmp_path):
+  config = tiny_base_config(steps=2)
+  train_and_evaluate(config, str(tmp_path))
+  config.stages.base.total_steps = 4
+  out = train_and_evaluate(config, str(tmp_path))  # resumes at 2, trains 2 more
+  assert out["base"]["step"] == 4
+  assert [r["step"] for r in _read_jsonl(tmp_path / "base" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+  other = tiny_base_config(steps=6)
+  other.stages.base.model.model_channels = 16  # a different model in the same workdir
+  with pytest.raises(CheckpointMismatchError, match="shape mismatch") as err:
+    train_and_evaluate(other, str(tmp_path))
+  assert "checkpoint (" in str(err.value) and "--config.init_from" in str(err.value)
+
+
+def test_init_from_starts_from_another_runs_weights(tmp_path):
+  train_and_evaluate(tiny_base_config(steps=2), str(tmp_path / "pretrain"))
+  config = tiny_base_config(steps=1)
+  config.init_from = str(tmp_path / "pretrain")
+  config.stages.base.optimizer.lr = 1e-12  # one near-zero update: weights stay the pretrained EMA
+  train_and_evaluate(config, str(tmp_path / "finetune"))
+  from imagen_jax.tools.inspect_checkpoint import load_state
+
+  pre = load_state(str(tmp_path / "pretrain" / "base" / "checkpoints" / "2"))
+  fine = load_state(str(tmp_path / "finetune" / "base" / "checkpoints" / "1"))
+  assert int(fine["step"]) == 1
+  # Fine-tuning starts from the pretrained EMA weights (lr is 0 at step 0 of the warmup).
+  jax.tree.map(np.testing.assert_array_equal, fine["params"], pre["ema_params"])
+
+
+def test_nonfinite_updates_are_skipped_then_training_stops(tmp_path, monkeypatch):
+  real = data_lib.make_train_iterator
+
+  def poisoned(config, stage, text):
+    it = real(config, stage, text)
+
+    class NaNImages:
+      def __next__(self):
+        batch = next(it)
+        batch["image"] = np.full_like(batch["image"], np.nan)
+        return batch
+
+      def __getattr__(self, name):
+        return getattr(it, name)
+
+    return NaNImages()
+
+  monkeypatch.setattr(data_lib, "make_train_iterator", poisoned)
+  config = tiny_base_config(steps=10, max_consecutive_nonfinite=3, ckpt_every=100)
+  with pytest.raises(NonFiniteError, match="consecutive non-finite"):
+    train_and_evaluate(config, str(tmp_path))
+  assert not list((tmp_path / "base" / "checkpoints").glob("[0-9]*"))  # nothing bad was saved
+
+
+def test_train_step_skips_nonfinite_update_and_counts_it():
+  """The step itself: a NaN batch leaves params, EMA and optimizer state untouched."""
+  import optax
+
+  stage = stage_config("toy", "tiny_base", 8, text_drop_prob=0.0)
+  from imagen_jax.diffusion import get_schedule
+
+  def apply_fn(params, x, logsnr, emb, mask, **kw):
+    return x * params["w"]  # [B, H, W, C]
+
+  tx = optax.sgd(0.1)
+  schedule = get_schedule("cosine")
+  step = jax.jit(step_lib.make_train_step(apply_fn, tx, lambda s: 0.1, stage, schedule))
+  state = step_lib.init_state({"w": jnp.ones(())}, tx, jax.random.key(0))
+  batch = {
+    "image": jnp.zeros((2, 8, 8, 3)),
+    "text_emb": jnp.zeros((2, 4, 8)),
+    "text_mask": jnp.ones((2, 4), bool),
+  }
+  good, m = step(state, batch)
+  assert float(good["params"]["w"]) != 1.0 and int(m["skipped_steps"]) == 0
+  bad, m = step(good, {**batch, "image": jnp.full((2, 8, 8, 3), jnp.nan)})
+  assert float(bad["params"]["w"]) == float(good["params"]["w"])
+  assert float(bad["ema_params"]["w"]) == float(good["ema_params"]["w"])
+  assert int(m["skipped_steps"]) == 1 and int(m["nonfinite_run"]) == 1
+  again, m = step(bad, batch)
+  assert int(m["nonfinite_run"]) == 0 and float(again["params"]["w"]) != float(bad["params"]["w"])
+
+
+def test_bad_config_fails_fast_naming_the_field(tmp_path):
+  config = tiny_base_config()
+  config.stages.base.objective = "score"
+  with pytest.raises(ValueError, match=r"config.stages.base.objective"):
+    train_and_evaluate(config, str(tmp_path))
+  config = tiny_base_config()
+  config.stages.base.batch_size = 5
+  config.stages.base.grad_accum = 2
+  with pytest.raises(ValueError, match="grad_accum"):
+    train_and_evaluate(config, str(tmp_path))
+  config = tiny_base_config()
+  config.stages.base.model.preset = "tiny_sr"
+  with pytest.raises(ValueError, match="lowres_cond"):
+    train_and_evaluate(config, str(tmp_path))
