@@ -20,8 +20,8 @@ from imagen_jax.train.config import run_config, stage_config
 
 _SCALE = {
   # arg: (base steps, sr steps, eval_every)
-  "": (1500, 400, 500),
-  "long": (6000, 1500, 1500),
+  "": (500, 200, 250),
+  "long": (2500, 600, 500),
   "ci": (4, 4, 0),
 }
 
@@ -55,6 +55,14 @@ def get_config(arg: str | None = None):
     "base", "tiny_base", image_size=32, total_steps=base_steps, **common
   )
   config.stages.base.optimizer.update(opt)
+  # Capacity at 16² and 8², where captions' semantics live; thin at 32² where FLOPs are dear.
+  config.stages.base.model.update(
+    model_channels=16,
+    channel_mult=(1, 2, 4),
+    num_res_blocks=(1, 1, 1),
+    attn_resolutions=(16, 8),
+    cross_attn_resolutions=(16, 8),
+  )
   config.stages.sr = stage_config(
     "sr",
     "tiny_sr",

@@ -63,13 +63,21 @@ class SamplerSettings:
 
 
 def make_stage_sampler(
-  apply_fn: Callable, schedule: Any, pred_type: str, settings: SamplerSettings
+  apply_fn: Callable,
+  schedule: Any,
+  pred_type: str,
+  settings: SamplerSettings,
+  *,
+  progress_fn: Callable | None = None,
+  progress_x0: bool = False,
 ) -> Callable:
   """Returns a jitted ``sample(params, rng, text_emb, text_mask, null_emb, null_mask, x_T,
   lowres=None, t_start=1.0) -> x0 [B, H, W, C]``.
 
   ``null_emb``/``null_mask`` condition the unconditional branch: zeros + all-false mask (the
-  training-time text dropout) or a negative prompt's embedding.
+  training-time text dropout) or a negative prompt's embedding. ``t_start < 1`` starts from a
+  noised image (img2img); it is static (each strength compiles once). ``progress_fn(step, x0)``
+  is called at every step from the device (``x0`` is None unless ``progress_x0``).
   """
 
   def sample(params, rng, text_emb, text_mask, null_emb, null_mask, x_T, lowres=None, t_start=1.0):
@@ -105,6 +113,8 @@ def make_stage_sampler(
       percentile=settings.percentile,
       eta=settings.eta,
       t_start=t_start,
+      progress_fn=progress_fn,
+      progress_x0=progress_x0,
     )
 
-  return jax.jit(sample)
+  return jax.jit(sample, static_argnames=("t_start",))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imagen_jax import diffusion
 from imagen_jax.models.unet import build_unet
 from imagen_jax.models.unet_config import UNetConfig
 
@@ -48,6 +49,12 @@ def unet_config_for_stage(stage: Any, text_dim: int) -> UNetConfig:
       f"config.stages.{stage.name}.model.image_size (and its attention resolutions) to match"
     )
   return cfg
+
+
+def stage_schedule(stage: Any) -> diffusion.Schedule:
+  """The noise schedule named by ``stage.schedule`` (shifted cosine is shifted by image size)."""
+  kwargs = {"image_size": int(stage.image_size)} if stage.schedule == "shifted_cosine" else {}
+  return diffusion.get_schedule(stage.schedule, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

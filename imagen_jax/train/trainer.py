@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from imagen_jax import checkpoint as ckpt_lib
-from imagen_jax import diffusion, metrics
+from imagen_jax import metrics
 from imagen_jax.sample.stage import SamplerSettings, make_stage_sampler
 from imagen_jax.train import config as config_lib
 from imagen_jax.train import data as data_lib
@@ -76,7 +76,7 @@ def train_stage(
 
   # ---- 1. Model, optimizer, state (from shapes, materialised on device) -------------------------
   model = model_lib.StageModel.create(stage, text_dim=text.d_model, seed=config.seed)
-  schedule = diffusion.get_schedule(stage.schedule, **_schedule_kwargs(stage))
+  schedule = model_lib.stage_schedule(stage)
   tx, lr_schedule = optim.make_optimizer(stage.optimizer, stage.total_steps)
   rng = jax.random.fold_in(jax.random.key(config.seed), hash(name) % (2**31))
   state = jax.jit(lambda: step_lib.init_state(model.init_params(), tx, rng))()
@@ -169,10 +169,6 @@ def train_stage(
     "stage_dir": stage_dir,
     "checkpoints": os.path.join(stage_dir, "checkpoints"),
   }
-
-
-def _schedule_kwargs(stage) -> dict:
-  return {"image_size": stage.image_size} if stage.schedule == "shifted_cosine" else {}
 
 
 def _init_from_path(path: str, stage_name: str) -> str:

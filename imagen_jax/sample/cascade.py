@@ -1,0 +1,325 @@
+"""The cascade pipeline: text → 64² → 256² → 1024² (any number of stages), usable from Python.
+
+  cascade = Cascade.from_workdir("runs/shapes")            # EMA weights of every trained stage
+  out = cascade(["a small red circle at the top left"], seed=0)
+  out["base"], out["sr"]                                    # [N, H, W, 3] float in [-1, 1]
+
+Each stage's whole sampling loop is one jitted program. Prompts are tokenized to a fixed length and
+batches are padded to power-of-two buckets, so new prompts (or a different number of them within a
+bucket) never recompile; batches are sharded over the available devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from imagen_jax import diffusion
+from imagen_jax.sample.stage import SamplerSettings, make_stage_sampler
+
+
+@dataclasses.dataclass
+class CascadeStage:
+  """One stage: a U-Net (static part + params), its diffusion setup and sampling settings."""
+
+  name: str
+  model: Any  # imagen_jax.train.model.StageModel
+  params: Any
+  schedule: Any
+  pred_type: str
+  image_size: int
+  lowres_size: int | None
+  settings: SamplerSettings
+  checkpoint_step: int | None = None
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The ``config.json`` a training run wrote into its workdir."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+      f"{path} not found: --workdir must be a training run's workdir (python train.py "
+      f"--workdir=...). Train the demo first with `python train.py`."
+    )
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+class Cascade:
+  """Samples a chain of stages; each SR stage is conditioned on the previous stage's output.
+
+  Args:
+    stages: the stages in order (base first). Resolutions must chain: a stage's ``lowres_size``
+      equals the previous stage's ``image_size``.
+    text: a ``TextConditioner`` (``encode_prompts(prompts) -> (emb, mask)``).
+    max_batch: largest batch per compiled call; larger requests run in chunks.
+  """
+
+  def __init__(self, stages: Sequence[CascadeStage], text: Any, *, max_batch: int = 16):
+    if not stages:
+      raise ValueError("Cascade needs at least one stage")
+    for prev, cur in zip(stages, stages[1:]):
+      if cur.lowres_size != prev.image_size:
+        raise ValueError(
+          f"stage {cur.name!r} takes {cur.lowres_size}² low-res input but the previous stage "
+          f"{prev.name!r} produces {prev.image_size}²: the stages do not chain"
+        )
+    if stages[0].lowres_size is not None:
+      # Allowed: an upscale-only cascade; it then needs init_image.
+      pass
+    self.stages = list(stages)
+    self.text = text
+    self.max_batch = int(max_batch)
+    self._samplers: dict[tuple, Callable] = {}
+    self._progress: dict[str, Any] = {"bar": None, "callback": None, "stage": None}
+    n = jax.device_count()
+    self._mesh = (
+      jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,)) if n > 1 else None
+    )
+
+  # ---- construction -------------------------------------------------------------------------
+
+  @classmethod
+  def from_workdir(
+    cls,
+    workdir: str,
+    *,
+    stages: Sequence[str] | None = None,
+    use_ema: bool = True,
+    settings: dict[str, dict] | None = None,
+    max_batch: int = 16,
+  ) -> Cascade:
+    """Loads the latest checkpoint of every stage (EMA weights by default) of a training run.
+
+    Args:
+      workdir: the ``--workdir`` of ``train.py``.
+      stages: which stages (default: all in the run's ``stage_order``).
+      use_ema: EMA params (default) or raw params.
+      settings: per-stage overrides of the run's ``sample`` settings, e.g.
+        ``{"sr": {"steps": 50, "guidance": 7.0}}``.
+    """
+    from imagen_jax.checkpoint import restore_params
+    from imagen_jax.train.model import StageModel, stage_schedule
+    from imagen_jax.train.text_cond import build_text_conditioner
+
+    config = load_run_config(workdir)
+    names = list(stages or config.stage_order)
+    unknown = [n for n in names if n not in config.stages]
+    if unknown:
+      raise ValueError(f"stages {unknown} not in the run (it has {list(config.stage_order)})")
+    settings = settings or {}
+    for key in settings:
+      if key not in names:
+        raise ValueError(f"settings for unknown stage {key!r}; stages: {names}")
+    text = build_text_conditioner(config, workdir)
+    out = []
+    for name in names:
+      stage = config.stages[name]
+      ckdir = os.path.join(workdir, name, "checkpoints")
+      steps = [int(d) for d in os.listdir(ckdir) if d.isdigit()] if os.path.isdir(ckdir) else []
+      if not steps:
+        raise FileNotFoundError(
+          f"stage {name!r}: no checkpoint in {ckdir}; train it first (python train.py "
+          f"--workdir={workdir} --config.train_stages={name})"
+        )
+      model = StageModel.create(stage, text_dim=text.d_model, seed=config.seed)
+      abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_replicated()),
+        model.abstract_params(),
+      )
+      params = restore_params(ckdir, abstract, key="ema_params" if use_ema else "params")
+      sample_cfg = dict(stage.sample)
+      sample_cfg.update(settings.get(name, {}))
+      out.append(
+        CascadeStage(
+          name=name,
+          model=model,
+          params=params,
+          schedule=stage_schedule(stage),
+          pred_type=stage.objective,
+          image_size=int(stage.image_size),
+          lowres_size=stage.lowres_size,
+          settings=SamplerSettings.from_config(sample_cfg),
+          checkpoint_step=max(steps),
+        )
+      )
+    return cls(out, text, max_batch=max_batch)
+
+  # ---- sampling -----------------------------------------------------------------------------
+
+  def __call__(
+    self,
+    prompts: Sequence[str],
+    *,
+    seed: int = 0,
+    negative_prompts: Sequence[str] | None = None,
+    settings: dict[str, dict] | None = None,
+    start_stage: str | None = None,
+    init_image: np.ndarray | None = None,
+    strength: float | None = None,
+    progress: bool = True,
+    callback: Callable[[str, int, np.ndarray], None] | None = None,
+  ) -> dict[str, np.ndarray]:
+    """Generates images for ``prompts`` through the stages.
+
+    Args:
+      prompts: N prompts (``""`` = unconditional).
+      seed: same seed and settings → identical images.
+      negative_prompts: N prompts for the unconditional branch of guidance (default: the null
+        condition, zero embeddings with an all-false mask).
+      settings: per-stage overrides of the sampler settings for this call.
+      start_stage: begin at this stage (earlier stages are skipped); needs ``init_image``.
+      init_image: ``[N, h, w, 3]`` in [-1, 1]. Upscale-only: the low-res input of ``start_stage``
+        (h = its ``lowres_size``). With ``strength``: img2img, the image to start
+        ``start_stage`` from (h = its ``image_size``).
+      strength: img2img strength in (0, 1]: the image is noised to t = strength and denoised.
+      progress: a tqdm bar per stage.
+      callback: ``callback(stage, step, x0_pred [N, H, W, 3])`` at every step.
+
+    Returns:
+      stage name → images ``[N, H, W, 3]`` float32 in [-1, 1], for every stage run.
+    """
+    prompts = [p if isinstance(p, str) else bytes(p).decode("utf-8", "replace") for p in prompts]
+    n = len(prompts)
+    if n == 0:
+      raise ValueError("prompts is empty")
+    if negative_prompts is not None and len(negative_prompts) != n:
+      raise ValueError(f"negative_prompts has {len(negative_prompts)} entries for {n} prompts")
+    stages, lowres, img2img = self._plan(n, start_stage, init_image, strength)
+    per_stage = {s.name: self._settings(s, (settings or {}).get(s.name)) for s in stages}
+    emb, mask = self.text.encode_prompts(prompts)
+    if negative_prompts is None:
+      null_emb, null_mask = jnp.zeros_like(emb), jnp.zeros_like(mask)
+    else:
+      null_emb, null_mask = self.text.encode_prompts(list(negative_prompts))
+    key = jax.random.key(seed)
+    out: dict[str, np.ndarray] = {}
+    for si, stage in enumerate(stages):
+      cfg = per_stage[stage.name]
+      start = img2img if (si == 0 and img2img is not None) else None
+      images = []
+      bar = tqdm(total=cfg.steps, desc=f"sample {stage.name}", disable=not progress, leave=False)
+      self._progress.update(bar=bar, callback=callback, stage=stage.name)
+      try:
+        for lo in range(0, n, self.max_batch):
+          hi = min(n, lo + self.max_batch)
+          images.append(
+            self._run_chunk(
+              stage, cfg, key, si, lo, hi, emb, mask, null_emb, null_mask, lowres, start
+            )
+          )
+      finally:
+        bar.close()
+        self._progress.update(bar=None, callback=None)
+      lowres = np.concatenate(images)
+      out[stage.name] = lowres
+    return out
+
+  def _plan(self, n, start_stage, init_image, strength):
+    names = [s.name for s in self.stages]
+    if start_stage is not None and start_stage not in names:
+      raise ValueError(f"start_stage={start_stage!r}; stages are {names}")
+    first = names.index(start_stage) if start_stage else 0
+    stages = self.stages[first:]
+    s0 = stages[0]
+    if strength is not None and not 0.0 < strength <= 1.0:
+      raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if init_image is None:
+      if strength is not None or s0.lowres_size is not None:
+        raise ValueError(
+          f"stage {s0.name!r} needs init_image (its {s0.lowres_size or s0.image_size}² input)"
+        )
+      return stages, None, None
+    init = np.asarray(init_image, np.float32)
+    if strength is None:  # upscale-only: init is the low-res input of the first stage
+      want = s0.lowres_size
+      if want is None:
+        raise ValueError(f"stage {s0.name!r} is not super-resolution: pass strength= for img2img")
+      _check_image(init, n, want, "init_image (upscale-only)")
+      return stages, init, None
+    _check_image(init, n, s0.image_size, "init_image (img2img)")
+    lowres = None
+    if s0.lowres_size is not None:
+      lowres = np.asarray(
+        jax.image.resize(init, (n, s0.lowres_size, s0.lowres_size, 3), "linear", antialias=True)
+      )
+    return stages, lowres, (init, float(strength))
+
+  def _settings(self, stage: CascadeStage, overrides: dict | None) -> SamplerSettings:
+    if not overrides:
+      return stage.settings
+    return dataclasses.replace(stage.settings, **overrides)  # validated in __post_init__
+
+  def _sampler(self, stage: CascadeStage, cfg: SamplerSettings, with_x0: bool) -> Callable:
+    key = (stage.name, cfg, with_x0)
+    if key not in self._samplers:
+      self._samplers[key] = make_stage_sampler(
+        stage.model.apply,
+        stage.schedule,
+        stage.pred_type,
+        cfg,
+        progress_fn=self._on_step,
+        progress_x0=with_x0,
+      )
+    return self._samplers[key]
+
+  def _on_step(self, step, x0):
+    bar, cb = self._progress["bar"], self._progress["callback"]
+    if bar is not None and int(step) >= bar.n:
+      bar.update(int(step) + 1 - bar.n)
+    if cb is not None and x0 is not None:
+      cb(self._progress["stage"], int(step), np.asarray(x0))
+
+  def _run_chunk(self, stage, cfg, key, si, lo, hi, emb, mask, null_emb, null_mask, lowres, start):
+    m = hi - lo
+    bucket = _bucket(m, self.max_batch)
+
+    def pad(x):
+      x = jnp.asarray(x[lo:hi])
+      return jnp.concatenate([x, jnp.repeat(x[-1:], bucket - m, axis=0)]) if bucket > m else x
+
+    shape = (stage.image_size, stage.image_size, 3)
+    # Per-image noise from (seed, image index): an image does not depend on its batch-mates.
+    x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(
+      jnp.arange(lo, lo + bucket)
+    )
+    t_start = 1.0
+    if start is not None:
+      init, t_start = start
+      logsnr = stage.schedule(jnp.full((bucket,), t_start))
+      x_T = diffusion.q_sample(pad(init), logsnr, x_T)
+    args = [pad(emb), pad(mask), pad(null_emb), pad(null_mask), x_T]
+    lr = pad(lowres) if lowres is not None else None
+    if self._mesh is not None and bucket % self._mesh.size == 0:
+      data = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec("data"))
+      args = [jax.device_put(a, data) for a in args]
+      lr = jax.device_put(lr, data) if lr is not None else None
+    sampler = self._sampler(stage, cfg, self._progress["callback"] is not None)
+    rng = jax.random.fold_in(jax.random.fold_in(key, 1_000_003 + si), lo)
+    x0 = sampler(stage.params, rng, *args, lr, t_start=t_start)
+    return np.asarray(jax.device_get(x0))[:m]
+
+
+def _bucket(m: int, max_batch: int) -> int:
+  b = 1
+  while b < m:
+    b *= 2
+  return min(b, max_batch) if m <= max_batch else max_batch
+
+
+def _check_image(x: np.ndarray, n: int, size: int, what: str) -> None:
+  if x.shape != (n, size, size, 3):
+    raise ValueError(f"{what} must be [{n}, {size}, {size}, 3] in [-1, 1], got {x.shape}")
+
+
+def _replicated():
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])

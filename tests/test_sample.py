@@ -1,0 +1,190 @@
+"""The cascade pipeline and sample.py on a tiny two-stage run (base 32², SR 32→64²)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagen_jax import diffusion
+from imagen_jax.sample.cascade import Cascade
+from imagen_jax.train import train_and_evaluate
+from tests.train_utils import ROOT, load_config, subprocess_env
+
+PROMPTS = ["a small red circle at the top left", "a large blue square in the center"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A 2-step training run of both stages (random-ish weights, real checkpoints)."""
+  config = load_config("shapes", "ci")
+  for s in (config.stages.base, config.stages.sr):
+    s.total_steps, s.batch_size, s.eval_every, s.final_eval = 2, 2, 0, False
+    s.sample.update(steps=3, guidance=3.0)
+    # No warmup and a large lr: two Adam steps move every weight (zero-initialised output
+    # layers too), so the text pathway — and hence guidance — has a visible effect.
+    s.optimizer.update(warmup_steps=0, lr=2e-2)
+  path = tmp_path_factory.mktemp("run")
+  train_and_evaluate(config, str(path))
+  return path
+
+
+@pytest.fixture(scope="module")
+def cascade(workdir):
+  return Cascade.from_workdir(str(workdir), max_batch=4)
+
+
+def test_shapes_range_determinism_and_seeds(cascade):
+  out = cascade(PROMPTS, seed=0, progress=False)
+  assert list(out) == ["base", "sr"]
+  assert out["base"].shape == (2, 32, 32, 3) and out["sr"].shape == (2, 64, 64, 3)
+  for x in out.values():
+    assert np.isfinite(x).all() and np.abs(x).max() <= 1.0 + 1e-6  # dynamic thresholding
+  again = cascade(PROMPTS, seed=0, progress=False)
+  np.testing.assert_array_equal(out["sr"], again["sr"])
+  other = cascade(PROMPTS, seed=1, progress=False)
+  assert np.abs(other["base"] - out["base"]).mean() > 1e-3
+
+
+def test_no_recompilation_for_new_prompts_within_a_bucket(cascade):
+  cascade(PROMPTS, seed=0, progress=False)
+  sizes = {k: f._cache_size() for k, f in cascade._samplers.items()}
+  cascade(["a green triangle above a white circle", ""], seed=3, progress=False)
+  cascade(["an orange square on the left"], seed=4, progress=False)  # 1 prompt: bucket 1
+  cascade(["a", "b", "c"], seed=4, progress=False)  # 3 prompts: padded to bucket 4
+  cascade(["d", "e", "f", "g"], seed=5, progress=False)  # 4 prompts: bucket 4 again
+  after = {k: f._cache_size() for k, f in cascade._samplers.items()}
+  # One compile per (stage, bucket): buckets 2, 1 and 4 → 3 per stage, whatever the prompts.
+  assert set(after) == set(sizes)
+  assert all(v == 3 for v in after.values()), after
+
+
+def test_negative_prompt_changes_output(cascade):
+  plain = cascade(PROMPTS, seed=0, progress=False)
+  neg = cascade(PROMPTS, seed=0, negative_prompts=["a black triangle"] * 2, progress=False)
+  assert np.abs(plain["base"] - neg["base"]).mean() > 1e-4
+
+
+def test_guidance_one_equals_the_conditional_sample(cascade):
+  stage = cascade.stages[0]
+  out = cascade(PROMPTS, seed=0, settings={"base": {"guidance": 1.0}}, progress=False)
+  # Oracle: the conditional model alone through the diffusion core's sampler.
+  emb, mask = cascade.text.encode_prompts(PROMPTS)
+  key = jax.random.key(0)
+  x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (32, 32, 3)))(
+    jnp.arange(2)
+  )
+
+  def model_fn(x, t):
+    return stage.model.apply(stage.params, x, stage.schedule(t), emb, mask)
+
+  s = stage.settings
+  want = diffusion.sample(
+    model_fn,
+    x_T,
+    None,
+    sampler=s.sampler,
+    steps=s.steps,
+    schedule=stage.schedule,
+    pred_type=stage.pred_type,
+    thresholding=s.thresholding,
+    percentile=s.percentile,
+  )
+  np.testing.assert_allclose(out["base"], np.asarray(want), atol=1e-5)
+  guided = cascade(PROMPTS, seed=0, settings={"base": {"guidance": 4.0}}, progress=False)
+  assert np.abs(guided["base"] - out["base"]).mean() > 1e-4
+
+
+def test_upscale_only_and_img2img(cascade):
+  rng = np.random.default_rng(0)
+  low = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  up = cascade(PROMPTS, start_stage="sr", init_image=low, progress=False)
+  assert list(up) == ["sr"] and up["sr"].shape == (2, 64, 64, 3)
+  up2 = cascade(PROMPTS, start_stage="sr", init_image=-low, progress=False)
+  assert np.abs(up["sr"] - up2["sr"]).mean() > 1e-4  # the low-res input matters
+  init = np.clip(rng.normal(0, 0.5, (2, 32, 32, 3)), -1, 1).astype(np.float32)
+  weak = cascade(PROMPTS, start_stage="base", init_image=init, strength=0.1, progress=False)
+  strong = cascade(PROMPTS, start_stage="base", init_image=init, strength=1.0, progress=False)
+  assert np.abs(weak["base"] - init).mean() < np.abs(strong["base"] - init).mean()
+  assert weak["sr"].shape == (2, 64, 64, 3)
+
+
+def test_callback_sees_every_step(cascade):
+  seen = []
+  cascade(
+    PROMPTS[:1], seed=0, progress=False, callback=lambda s, i, x0: seen.append((s, i, x0.shape))
+  )
+  steps = {s.name: s.settings.steps for s in cascade.stages}
+  assert sorted(i for s, i, _ in seen if s == "base") == list(range(steps["base"]))
+  assert {shape for s, _, shape in seen if s == "sr"} == {(1, 64, 64, 3)}
+
+
+def test_bad_input_fails_before_compiling(cascade, workdir):
+  with pytest.raises(ValueError, match="steps must be >= 1"):
+    cascade(PROMPTS, settings={"base": {"steps": 0}})
+  with pytest.raises(ValueError, match="guidance must be >= 0"):
+    cascade(PROMPTS, settings={"sr": {"guidance": -1.0}})
+  with pytest.raises(ValueError, match="percentile"):
+    cascade(PROMPTS, settings={"sr": {"percentile": 120.0}})
+  with pytest.raises(ValueError, match="needs init_image"):
+    cascade(PROMPTS, start_stage="sr")
+  with pytest.raises(ValueError, match="do not chain"):
+    Cascade([cascade.stages[1], cascade.stages[0]], cascade.text)
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    Cascade.from_workdir(str(workdir / "nope"))
+
+
+def _sha(path):
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_sample_py_end_to_end(workdir, tmp_path):
+  prompts_file = tmp_path / "prompts.txt"
+  prompts_file.write_bytes(b"a small red circle at the top left\n\xffa green square\n")
+
+  def run(outdir, seed):
+    cmd = [
+      sys.executable,
+      str(ROOT / "sample.py"),
+      f"--workdir={workdir}",
+      f"--prompts_file={prompts_file}",
+      "--num_images=2",
+      f"--seed={seed}",
+      f"--outdir={outdir}",
+      "--set=*.steps=2",
+    ]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+  r = run(tmp_path / "a", 0)
+  assert "Images are in" in r.stdout
+  assert "not valid UTF-8" in r.stderr
+  meta = json.loads((tmp_path / "a" / "metadata.json").read_text())
+  assert len(meta["prompts"]) == 4 and meta["prompts"][2].startswith("\ufffd")
+  assert (
+    meta["stages"]["sr"]["settings"]["steps"] == 2
+    and meta["stages"]["base"]["checkpoint_step"] == 2
+  )
+  for i in range(4):
+    for stage, size in (("base", 32), ("sr", 64)):
+      assert Image.open(tmp_path / "a" / f"{i:03d}_{stage}.png").size == (size, size)
+  assert Image.open(tmp_path / "a" / "grid.png").mode == "RGB"
+  run(tmp_path / "b", 0)
+  run(tmp_path / "c", 1)
+  same = [
+    _sha(tmp_path / "a" / f"00{i}_sr.png") == _sha(tmp_path / "b" / f"00{i}_sr.png")
+    for i in range(4)
+  ]
+  diff = [
+    _sha(tmp_path / "a" / f"00{i}_sr.png") != _sha(tmp_path / "c" / f"00{i}_sr.png")
+    for i in range(4)
+  ]
+  assert all(same) and all(diff)
