@@ -32,12 +32,8 @@ FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  e = subprocess_env()
-  # Subprocesses share compiled programs through JAX's persistent cache (same executables).
-  e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-  e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  return e
+def env():
+  return subprocess_env()  # shares the session's persistent compilation cache
 
 
 def _digests(path: Path, env) -> dict[str, str]:
@@ -99,3 +95,25 @@ def test_kill9_resume_is_bit_identical(tmp_path, env):
   assert got["step"] == str(STEPS)
   assert got["params_sha256"] == want["params_sha256"]
   assert got["ema_params_sha256"] == want["ema_params_sha256"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, env):
+  workdir = tmp_path / "run"
+  ckdir = workdir / "base" / "checkpoints"
+  flags = [f for f in FLAGS if "total_steps" not in f] + ["--config.stages.base.total_steps=100000"]
+  cmd = [sys.executable, str(ROOT / "train.py"), f"--workdir={workdir}", *flags]
+  proc = subprocess.Popen(
+    cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  deadline = time.time() + 300
+  while not (ckdir / "2").is_dir():
+    assert proc.poll() is None and time.time() < deadline, "no first checkpoint"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  m = re.search(r"Preempted: checkpoint saved at step (\d+)", err)
+  assert m, err[-2000:]
+  step = m.group(1)
+  assert (ckdir / step / "state").is_dir()
+  assert _digests(workdir / "base", env)["step"] == step

@@ -39,6 +39,9 @@ def subprocess_env() -> dict:
   env = dict(os.environ)
   env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
   env.setdefault("JAX_PLATFORMS", "cpu")
+  if "IMAGEN_JAX_TEST_CACHE" in env:  # set by conftest: share compiled programs with subprocesses
+    env["JAX_COMPILATION_CACHE_DIR"] = env["IMAGEN_JAX_TEST_CACHE"]
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   return env
 
 

@@ -112,9 +112,16 @@ def run_config(**overrides: Any) -> ml_collections.ConfigDict:
       max_pixels=64_000_000,
       worker_count=0,
       shapes_two_object_prob=0.3,
+      shapes_length=0,  # >0: a finite shapes dataset of this many scenes (0 = infinite)
     )
   )
-  c.evals = ml_collections.ConfigDict(dict(shapes_alignment=False, num_prompts=64))
+  c.evals = ml_collections.ConfigDict(
+    dict(
+      shapes_alignment=False,
+      num_prompts=64,
+      prompts=(),  # explicit evaluation prompts (default: a fixed mix from the evaluator)
+    )
+  )
   c.update(overrides)
   return c
 

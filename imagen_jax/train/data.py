@@ -20,7 +20,10 @@ def make_source(config: ml_collections.ConfigDict) -> Any:
     # The largest stage resolution is rendered; lower stages and low-res inputs are downsampled
     # from it by the pipeline, so every stage sees the same scenes.
     size = max(int(config.stages[n].image_size) for n in config.stage_order)
-    return ShapesSource(seed=config.seed, image_size=size, two_object_prob=d.shapes_two_object_prob)
+    kwargs = {"length": int(d.shapes_length)} if d.shapes_length else {}
+    return ShapesSource(
+      seed=config.seed, image_size=size, two_object_prob=d.shapes_two_object_prob, **kwargs
+    )
   if d.source == "folder":
     return sources.ImageFolderSource(d.path)
   if d.source == "manifest":

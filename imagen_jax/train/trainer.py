@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -78,7 +79,8 @@ def train_stage(
   model = model_lib.StageModel.create(stage, text_dim=text.d_model, seed=config.seed)
   schedule = model_lib.stage_schedule(stage)
   tx, lr_schedule = optim.make_optimizer(stage.optimizer, stage.total_steps)
-  rng = jax.random.fold_in(jax.random.key(config.seed), hash(name) % (2**31))
+  # crc32, not hash(): Python salts str hashes per process, which would break exact resume.
+  rng = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(name.encode()) % (2**31))
   state = jax.jit(lambda: step_lib.init_state(model.init_params(), tx, rng))()
   abstract_state = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
@@ -189,10 +191,12 @@ class _StageEvaluator:
     if config.data.source == "shapes" and config.evals.shapes_alignment:
       from imagen_jax.evaluators.shapes import ShapesAlignmentEvaluator
 
-      self.evaluator = ShapesAlignmentEvaluator(num_prompts=config.evals.num_prompts, seed=0)
+      self.evaluator = ShapesAlignmentEvaluator(
+        prompts=list(config.evals.prompts) or None, num_prompts=config.evals.num_prompts, seed=0
+      )
       self.prompts = list(self.evaluator.prompts)
     else:
-      self.prompts = data_lib.eval_prompts(config, n)
+      self.prompts = list(config.evals.prompts) or data_lib.eval_prompts(config, n)
     self.lowres = None
     if stage.lowres_size is not None:
       self.lowres = data_lib.eval_lowres(config, stage, self.prompts)
