@@ -139,6 +139,10 @@ class Checkpointer:
     """True once SIGTERM arrived; the caller should save (``force=True``) and stop."""
     return self._sigterm.event.is_set()
 
+  def should_stop_for_preemption(self, step: int) -> bool:
+    """SIGTERM arrived, or (multi-host) JAX's preemption sync point was reached at ``step``."""
+    return self.preempted or self._manager.reached_preemption(step)
+
   def latest_step(self) -> int | None:
     """The latest *complete* checkpoint step, or None."""
     return self._manager.latest_step()

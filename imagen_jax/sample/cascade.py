@@ -73,9 +73,6 @@ class Cascade:
           f"stage {cur.name!r} takes {cur.lowres_size}² low-res input but the previous stage "
           f"{prev.name!r} produces {prev.image_size}²: the stages do not chain"
         )
-    if stages[0].lowres_size is not None:
-      # Allowed: an upscale-only cascade; it then needs init_image.
-      pass
     self.stages = list(stages)
     self.text = text
     self.max_batch = int(max_batch)

@@ -148,7 +148,7 @@ def train_stage(
         writer.write_scalars(step, last_metrics)
         bar.set_postfix(loss=f"{last_metrics['loss']:.4f}", refresh=False)
       bar.update(1)
-      preempted = ckpt.preempted or ckpt._manager.reached_preemption(step)
+      preempted = ckpt.should_stop_for_preemption(step)
       ckpt.save(step, state, data_iter=data_iter, config=run_config, force=preempted)
       if preempted:
         ckpt.wait()
