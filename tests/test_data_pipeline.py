@@ -261,14 +261,20 @@ def _captions(ds):
 
 
 @pytest.mark.parametrize("n", [12, 13])
-def test_shards_are_disjoint_equal_and_cover(n):
+def test_process_shards_are_the_rows_of_the_single_process_global_batch(n):
   src = ArraySource(n, hw=(SIZE, SIZE))
-  kw = dict(image_size=SIZE, batch_size=2, seed=3, num_epochs=1, keep_captions=True)
-  shards = [_captions(make_dataset(src, **kw, process_index=p, process_count=2)) for p in range(2)]
-  assert len(shards[0]) == len(shards[1]) == n // 2  # equal: no host waits for another
-  assert not set(shards[0]) & set(shards[1])
-  assert len(set(shards[0]) | set(shards[1])) == n - n % 2
-  assert sorted(shards[0]) == sorted(f"caption {i}" for i in range(0, n - n % 2, 2))
+  kw = dict(image_size=SIZE, seed=3, num_epochs=1, keep_captions=True, shuffle=True)
+  shards = [
+    list(make_dataset(src, **kw, batch_size=2, process_index=p, process_count=2)) for p in range(2)
+  ]
+  whole = list(make_dataset(src, **kw, batch_size=4, **ONE))
+  assert len(shards[0]) == len(shards[1]) == len(whole) == n // 4  # no host waits for another
+  for b0, b1, b in zip(*shards, whole):
+    # Process 0 holds global rows [0, 2), process 1 rows [2, 4): one global batch, any P.
+    assert list(b0["caption"]) + list(b1["caption"]) == list(b["caption"])
+    np.testing.assert_array_equal(np.concatenate([b0["image"], b1["image"]]), b["image"])
+  seen = [c for shard in shards for batch in shard for c in batch["caption"]]
+  assert len(set(seen)) == len(seen) == n - n % 4  # disjoint, and cover all whole batches
 
 
 def test_sr_pairs_are_antialiased_downsamples():

@@ -4,8 +4,10 @@
 
 * deterministic: batch ``k`` depends only on (source, config, process_index, process_count); the
   shuffle and the random ops (crop, flip) are seeded from ``seed`` and the element's position;
-* shardable: process ``p`` of ``P`` reads source indices ``p, p+P, ...`` (truncated so all shards
-  have ``len(source) // P`` examples and every process sees the same number of batches);
+* shardable: one global stream (shuffle, epochs and random ops seeded identically everywhere) is
+  cut into global batches of ``P × batch_size``; process ``p`` of ``P`` loads only rows
+  ``[p·b, (p+1)·b)`` of each. The global batch is the same for any process count, so a run on
+  2 hosts matches a run on 1 (elements are loaded lazily: no process reads others' rows);
 * checkpointable: its iterator's ``get_state()``/``set_state()`` (``{"next_index": k}``) and
   ``grain.checkpoint.CheckpointSave/CheckpointRestore`` resume at the exact next batch;
 * robust to bad data (see ``DataConfig`` and ``_ExampleLoader``): a bad image is replaced by the
@@ -228,6 +230,31 @@ class _Collate:
     return batch
 
 
+class _ProcessRows(grain.MapDataset):
+  """Process ``p``'s rows of each global batch: element ``j`` is global element
+  ``(j // b)·P·b + p·b + j % b`` (``b`` rows per process, ``P`` processes)."""
+
+  def __init__(self, parent: grain.MapDataset, rows: int, index: int, count: int):
+    super().__init__(parent)
+    self._rows, self._index, self._count = rows, index, count
+    self._length = len(parent) // (rows * count) * rows  # whole global batches only
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _global(self, j: int) -> int:
+    k, r = divmod(j, self._rows)
+    return (k * self._count + self._index) * self._rows + r
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._global(index)]
+
+  def __str__(self) -> str:
+    return f"ProcessRows(rows={self._rows}, process={self._index}/{self._count})"
+
+
 def make_map_dataset(
   source: Any,
   config: DataConfig | None = None,
@@ -248,18 +275,20 @@ def make_map_dataset(
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   n = len(source)
-  per_shard = n // process_count
-  if per_shard < 1 or (cfg.num_epochs is not None and per_shard * cfg.num_epochs < cfg.batch_size):
+  global_batch = cfg.batch_size * process_count
+  if cfg.num_epochs is not None and n * cfg.num_epochs < global_batch:
     raise ValueError(
       f"{source!r} has {n} examples: too few for {process_count} processes x batch "
       f"{cfg.batch_size} x {cfg.num_epochs} epochs"
     )
-  ds = grain.MapDataset.range(n)[process_index::process_count][:per_shard]
-  ds = ds.seed(cfg.seed)  # Derives the shuffle and random-op seeds.
+  ds = grain.MapDataset.range(n).seed(cfg.seed)  # Derives the shuffle and random-op seeds.
   if cfg.shuffle:
     ds = ds.shuffle()
   ds = ds.repeat(cfg.num_epochs)  # Reseeds the shuffle and random ops each epoch.
+  # Random ops are seeded by the position in the *global* stream, before the process split.
   ds = ds.random_map(_ExampleLoader(source, example_ops(cfg), cfg.max_consecutive_bad))
+  if process_count > 1:
+    ds = _ProcessRows(ds, cfg.batch_size, process_index, process_count)
   collate = _Collate(cfg.keep_captions, tokenize_fn, embedding_cache)
   return ds.batch(cfg.batch_size, drop_remainder=True, batch_fn=collate)
 

@@ -28,12 +28,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, Sharding
+from jax.sharding import Mesh, NamedSharding, Sharding
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from imagen_jax.models.t5 import T5Config, T5EncoderModule
-from imagen_jax.sharding import logical_to_sharding
+from imagen_jax.sharding import fitted_spec
 
 ShardingSpec = (
   Sharding | tuple[Mesh, Any] | Callable[[tuple[str | None, ...], tuple[int, ...]], Sharding] | None
@@ -331,7 +331,8 @@ def _sharding_fn(shardings: ShardingSpec):
     return lambda names, shape: shardings
   if isinstance(shardings, tuple) and len(shardings) == 2 and isinstance(shardings[0], Mesh):
     mesh, rules = shardings
-    return lambda names, shape: logical_to_sharding(names, mesh, rules)
+    # Dimensions that do not divide by their mesh axes stay replicated (e.g. a 32128 vocab).
+    return lambda names, shape: NamedSharding(mesh, fitted_spec(names, shape, mesh, rules))
   if callable(shardings):
     return shardings
   raise TypeError(

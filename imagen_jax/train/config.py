@@ -11,6 +11,8 @@ from typing import Any
 
 import ml_collections
 
+from imagen_jax import sharding
+
 SOURCES = ("shapes", "folder", "manifest", "tfds")
 OBJECTIVES = ("eps", "x0", "v")
 DTYPES = ("float32", "bfloat16")
@@ -89,6 +91,13 @@ def run_config(**overrides: Any) -> ml_collections.ConfigDict:
   c.stage_order = ()
   c.train_stages = ""  # comma-separated subset of stage_order; empty = all
   c.init_from = ""  # a previous run's workdir (or, with one stage, a stage checkpoint dir)
+  # Device mesh (imagen_jax.sharding.make_mesh): sizes of the data / fsdp / tensor axes, -1 = the
+  # rest. The same config runs on 1 CPU, 8 GPUs or a pod; only these numbers change.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Logical axis name → mesh axes (first match wins); None = replicated. See sharding.py.
+  c.logical_rules = tuple(
+    (name, list(axes) if isinstance(axes, tuple) else axes) for name, axes in sharding.DEFAULT_RULES
+  )
   c.text = ml_collections.ConfigDict(
     dict(
       encoder="",  # "shapes_demo", a Hugging Face T5 checkpoint directory, or a hub id
@@ -165,6 +174,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.data.source={config.data.source!r} needs config.data.path")
   if config.data.source == "tfds" and not (config.data.tfds_name or config.data.path):
     raise ValueError("config.data.source='tfds' needs config.data.tfds_name or config.data.path")
+  unknown = sorted(set(config.mesh) - set(sharding.MESH_AXES))
+  if unknown:
+    raise ValueError(
+      f"config.mesh has unknown axes {unknown}; the axes are {list(sharding.MESH_AXES)}"
+    )
   if not (config.text.encoder or config.text.embedding_cache):
     raise ValueError(
       "config.text.encoder is empty: set it to 'shapes_demo', a T5 checkpoint directory, or a hub "
@@ -213,3 +227,14 @@ def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.stages[name].optimizer.update(lr=1e-3, warmup_steps=20)
     c.stages[name].sample.update(steps=10, guidance=3.0)
   return c
+
+
+def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+  """``config.logical_rules`` as the ``(name, axes)`` pairs :mod:`imagen_jax.sharding` takes."""
+  out = []
+  for entry in config.logical_rules:
+    if len(entry) != 2:
+      raise ValueError(f"config.logical_rules entries are (logical_name, mesh_axes); got {entry!r}")
+    name, axes = entry
+    out.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+  return tuple(out)

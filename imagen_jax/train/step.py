@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from imagen_jax import diffusion
+from imagen_jax import diffusion, sharding
 from imagen_jax.train import optim
 
 NUM_T_BUCKETS = 4  # per-t-bucket loss: t in [0, .25), [.25, .5), [.5, .75), [.75, 1]
@@ -37,6 +37,34 @@ def init_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) ->
     "nonfinite_run": jnp.zeros((), jnp.int32),
     "skipped": jnp.zeros((), jnp.int32),
   }
+
+
+def state_shardings(model: Any, tx: optax.GradientTransformation, mesh: Any, rules: Any) -> dict:
+  """Shardings of the train state on ``mesh``: params and EMA by their logical axis names (FSDP /
+  tensor), optimizer moments like their parameter, scalars replicated."""
+  params = sharding.param_shardings(model.abstract_state, mesh, rules)
+  replicated = sharding.replicated(mesh)
+  return {
+    "step": replicated,
+    "params": params,
+    "ema_params": params,
+    "opt_state": sharding.optimizer_shardings(tx, model.abstract_params(), params, mesh),
+    "rng": replicated,
+    "nonfinite_run": replicated,
+    "skipped": replicated,
+  }
+
+
+def abstract_state(model: Any, tx: optax.GradientTransformation, shardings: dict) -> dict:
+  """The train state as ``jax.ShapeDtypeStruct`` leaves carrying ``shardings`` (no allocation).
+
+  What :meth:`imagen_jax.checkpoint.Checkpointer.restore` reads into, and what
+  ``tools.compile_check`` compiles against.
+  """
+  shapes = jax.eval_shape(lambda: init_state(model.init_params(), tx, jax.random.key(0)))
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+  )
 
 
 def drop_text(rng: jax.Array, emb: jax.Array, mask: jax.Array, p: float):
@@ -91,7 +119,17 @@ def make_loss_fn(apply_fn: Callable, stage: Any, schedule: Any) -> Callable:
 
 
 def _split_micro(batch: dict, n: int) -> dict:
-  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+  """``[B, ...]`` → ``[n, B/n, ...]`` with micro-batch i = rows i, i+n, i+2n, ...
+
+  The strided split keeps every micro-batch spread over all data-parallel devices (a contiguous
+  split of a batch-sharded array would put each micro-batch on 1/n of them).
+  """
+
+  def split(x):
+    x = x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)  # [n, B/n, ...]
+    return sharding.constrain(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+
+  return jax.tree.map(split, batch)
 
 
 def make_train_step(
@@ -128,7 +166,7 @@ def make_train_step(
       loss = loss / n_micro
       grads = jax.tree.map(lambda g: g / n_micro, grads)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
@@ -151,8 +189,8 @@ def make_train_step(
     metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
-      "param_norm": optax.global_norm(params),
-      "update_norm": jnp.where(finite, optax.global_norm(updates), 0.0),
+      "param_norm": optax.tree.norm(params),
+      "update_norm": jnp.where(finite, optax.tree.norm(updates), 0.0),
       "lr": lr_schedule(state["step"]),
       "skipped_steps": new_state["skipped"],
       "nonfinite_run": new_state["nonfinite_run"],

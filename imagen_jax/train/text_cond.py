@@ -58,11 +58,12 @@ class TextConditioner:
 
   def prepare_batch(self, batch: dict) -> dict:
     """Replaces token ids by ``text_emb``/``text_mask`` (encoded on device) where needed."""
+    # astype, not np.asarray: batch values may be global (multi-host, sharded) jax.Arrays.
     if "text_emb" in batch:
-      batch["text_mask"] = np.asarray(batch["text_mask"], bool)
+      batch["text_mask"] = batch["text_mask"].astype(bool)
       return batch
-    ids, mask = batch.pop("input_ids"), np.asarray(batch.pop("attention_mask"), bool)
-    batch["text_emb"] = self._encode(self.encoder.state, jnp.asarray(ids), jnp.asarray(mask))
+    ids, mask = batch.pop("input_ids"), batch.pop("attention_mask").astype(bool)
+    batch["text_emb"] = self._encode(self.encoder.state, ids, mask)
     batch["text_mask"] = mask
     return batch
 
@@ -70,11 +71,10 @@ class TextConditioner:
     """Embeddings for arbitrary prompts (evals, sampling)."""
     if self.encoder is not None:
       ids, mask = self.encoder.tokenize(list(prompts))
-      return self._encode(self.encoder.state, jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(
-        mask
-      )
+      ids, mask = np.asarray(ids), np.asarray(mask, bool)  # host values: same on every process
+      return self._encode(self.encoder.state, ids, mask), mask
     emb, mask = self.cache.lookup(list(prompts))
-    return jnp.asarray(emb), jnp.asarray(mask, bool)
+    return np.asarray(emb), np.asarray(mask, bool)
 
 
 def _zero_padded(encoder):
@@ -87,8 +87,14 @@ def _zero_padded(encoder):
   return encode
 
 
-def build_text_conditioner(config: ml_collections.ConfigDict, workdir: str) -> TextConditioner:
-  """The conditioner for ``config.text`` (building the demo encoder in the workdir if asked)."""
+def build_text_conditioner(
+  config: ml_collections.ConfigDict, workdir: str, *, shardings: Any = None
+) -> TextConditioner:
+  """The conditioner for ``config.text`` (building the demo encoder in the workdir if asked).
+
+  ``shardings`` places the T5 weights (e.g. ``(mesh, rules)``: FSDP-sharded T5-XXL), see
+  :meth:`imagen_jax.text.T5Encoder.from_pretrained`.
+  """
   from imagen_jax.text import T5Encoder
 
   t = config.text
@@ -100,9 +106,13 @@ def build_text_conditioner(config: ml_collections.ConfigDict, workdir: str) -> T
       if jax.process_index() == 0:
         write_demo_encoder(path, seed=config.seed, max_length=t.max_length)
       _sync("demo_text_encoder")
-    encoder = T5Encoder.from_pretrained(path, dtype=dtype, max_length=t.max_length, progress=False)
+    encoder = T5Encoder.from_pretrained(
+      path, dtype=dtype, max_length=t.max_length, progress=False, shardings=shardings
+    )
   elif t.encoder:
-    encoder = T5Encoder.from_pretrained(t.encoder, dtype=dtype, max_length=t.max_length)
+    encoder = T5Encoder.from_pretrained(
+      t.encoder, dtype=dtype, max_length=t.max_length, shardings=shardings
+    )
   if t.embedding_cache:
     from imagen_jax.tools.encode_texts import EmbeddingCache
 

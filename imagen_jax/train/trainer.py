@@ -2,8 +2,9 @@
 
 Reads top to bottom like an algorithm box (house style, after big_vision's ``train.py``)::
 
+  mesh = config.mesh over all devices (of all processes)
   for each stage in config.stage_order:
-    1. model + optimizer built from shapes, materialised directly on device
+    1. model + optimizer built from shapes, materialised directly into their shardings
     2. data pipeline (Grain), checkpointable
     3. restore, in this order: (a) the stage's own latest checkpoint in the workdir,
        (b) config.init_from (params only), (c) from scratch
@@ -21,13 +22,12 @@ import zlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
 from imagen_jax import checkpoint as ckpt_lib
-from imagen_jax import metrics
+from imagen_jax import metrics, sharding
 from imagen_jax.sample.stage import SamplerSettings, make_stage_sampler
 from imagen_jax.train import config as config_lib
 from imagen_jax.train import data as data_lib
@@ -43,50 +43,95 @@ class NonFiniteError(RuntimeError):
   """Too many consecutive non-finite updates: training stopped, last good checkpoint kept."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None
+) -> dict[str, dict]:
   """Trains every stage in ``config.stage_order`` (or ``config.train_stages``) under ``workdir``.
 
   Each stage writes ``workdir/<stage>/{checkpoints/, metrics.jsonl, tensorboard/, samples/}``.
-  Every run resumes automatically from the latest complete checkpoint in its workdir.
+  Every run resumes automatically from the latest complete checkpoint in its workdir (saved on
+  any mesh: arrays are read straight into this run's shardings).
+
+  Args:
+    config: a run config (``configs/*.py``).
+    workdir: the run directory.
+    mesh: the device mesh; default ``sharding.make_mesh(config.mesh)`` over all devices. In a
+      multi-process run call ``jax.distributed.initialize()`` first (``train.py --multihost``).
 
   Returns:
     stage name → summary dict (final step, last metrics, eval results, paths).
   """
   config_lib.validate(config)
+  mesh = mesh if mesh is not None else sharding.make_mesh(dict(config.mesh))
+  rules = config_lib.logical_rules(config)
+  log.info("Mesh %s over %d devices", dict(mesh.shape), mesh.size)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  text = build_text_conditioner(config, workdir)
+  text = build_text_conditioner(config, workdir, shardings=(mesh, rules))
   summaries = {}
   for name in config_lib.selected_stages(config):
-    summaries[name] = train_stage(config, name, workdir, text)
+    summaries[name] = train_stage(config, name, workdir, text, mesh=mesh, rules=rules)
   if jax.process_index() == 0:
     _print_summary(workdir, summaries)
   return summaries
 
 
 def train_stage(
-  config: ml_collections.ConfigDict, name: str, workdir: str, text: TextConditioner
+  config: ml_collections.ConfigDict,
+  name: str,
+  workdir: str,
+  text: TextConditioner,
+  *,
+  mesh: jax.sharding.Mesh,
+  rules: sharding.Rules,
 ) -> dict:
   """Trains one stage to ``total_steps`` (resuming if possible); returns its summary."""
   stage = config.stages[name]
   stage_dir = os.path.join(workdir, name)
   log.info("==== stage %s: %s at %d² ====", name, stage.model.preset, stage.image_size)
+  _check_batch_fits_mesh(stage, mesh)
 
-  # ---- 1. Model, optimizer, state (from shapes, materialised on device) -------------------------
+  # ---- 1. Model, optimizer, state (from shapes, materialised into their shardings) ------------
   model = model_lib.StageModel.create(stage, text_dim=text.d_model, seed=config.seed)
   schedule = model_lib.stage_schedule(stage)
   tx, lr_schedule = optim.make_optimizer(stage.optimizer, stage.total_steps)
   # crc32, not hash(): Python salts str hashes per process, which would break exact resume.
   rng = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(name.encode()) % (2**31))
-  state = jax.jit(lambda: step_lib.init_state(model.init_params(), tx, rng))()
+  state_sharding = step_lib.state_shardings(model, tx, mesh, rules)
+  init = jax.jit(lambda p: step_lib.init_state(p, tx, rng), out_shardings=state_sharding)
+  state = init(jax.jit(model.init_params, out_shardings=state_sharding["params"])())
   abstract_state = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
   )
+  per_device, total = sharding.bytes_per_device(state_sharding, abstract_state)
+  log.info(
+    "Stage %s: %d params; train state %.1f MiB per device of %.1f MiB",
+    name,
+    model.num_params(),
+    per_device / 2**20,
+    total / 2**20,
+  )
+  step_fn = step_lib.make_train_step(model.apply, tx, lr_schedule, stage, schedule)
+
+  def sharded_step(state, batch):
+    with sharding.use_rules(mesh, rules):  # activates constrain() while tracing
+      return step_fn(state, batch)
+
+  # T5 outputs are laid out by the compiler; pin every batch input to the batch sharding so the
+  # step's input layout is fixed (one compilation, the same program tools.compile_check builds).
+  to_batch_sharding = jax.jit(
+    lambda b: {
+      k: jax.lax.with_sharding_constraint(v, sharding.batch_sharding(mesh, v.ndim))
+      for k, v in b.items()
+    }
+  )
   train_step = jax.jit(
-    step_lib.make_train_step(model.apply, tx, lr_schedule, stage, schedule), donate_argnums=0
+    sharded_step,
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
+    donate_argnums=0,
   )
 
   # ---- 2. Data ---------------------------------------------------------------------------------
@@ -102,13 +147,13 @@ def train_stage(
   elif stage.init_from or config.init_from:
     src = _init_from_path(stage.init_from or config.init_from, name)
     params = ckpt_lib.restore_params(src, abstract_state["params"])
-    state = jax.jit(lambda p: step_lib.init_state(p, tx, rng))(params)
+    state = init(params)
     log.info("Initialised stage %s from %s", name, src)
   start = int(state["step"])
 
   # ---- 4. Loop ---------------------------------------------------------------------------------
   writer = metrics.MetricWriter(stage_dir)
-  evaluator = _StageEvaluator(config, stage, model, schedule, text, stage_dir)
+  evaluator = _StageEvaluator(config, stage, model, schedule, text, stage_dir, mesh, rules)
   run_config = json.loads(config.to_json_best_effort())
   bad_totals: dict[str, int] = {}
   last_metrics: dict[str, float] = {}
@@ -123,7 +168,8 @@ def train_stage(
       batch = next(data_iter)
       for k in [k for k in batch if k.startswith("bad_")]:
         bad_totals[k] = bad_totals.get(k, 0) + int(np.sum(batch.pop(k)))
-      state, m = train_step(state, text.prepare_batch(batch))
+      batch = text.prepare_batch(sharding.global_batch(batch, mesh))
+      state, m = train_step(state, to_batch_sharding(batch))
       step += 1
       pending.append(m)
       if step % stage.log_every == 0 or step == stage.total_steps:
@@ -173,6 +219,19 @@ def train_stage(
   }
 
 
+def _check_batch_fits_mesh(stage: Any, mesh: jax.sharding.Mesh) -> None:
+  """The global (micro-)batch must split evenly over the data-parallel devices."""
+  shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  micro = stage.batch_size // stage.grad_accum
+  if micro % shards:
+    raise ValueError(
+      f"config.stages.{stage.name}.batch_size={stage.batch_size} (grad_accum="
+      f"{stage.grad_accum}: micro-batch {micro}) does not split over the {shards} data-parallel "
+      f"devices of mesh {dict(mesh.shape)} (data × fsdp); use a multiple of {shards}, or change "
+      "config.mesh"
+    )
+
+
 def _init_from_path(path: str, stage_name: str) -> str:
   """A run workdir maps to its ``<stage>/checkpoints``; anything else is used as given."""
   candidate = os.path.join(path, stage_name, "checkpoints")
@@ -182,8 +241,9 @@ def _init_from_path(path: str, stage_name: str) -> str:
 class _StageEvaluator:
   """Samples a grid with EMA params (and, on the shapes data, scores prompt alignment)."""
 
-  def __init__(self, config, stage, model, schedule, text, stage_dir):
+  def __init__(self, config, stage, model, schedule, text, stage_dir, mesh, rules):
     self.stage, self.text, self.model = stage, text, model
+    self.mesh, self.rules = mesh, rules
     self.settings = SamplerSettings.from_config(stage.sample)
     self.sampler = make_stage_sampler(model.apply, schedule, stage.objective, self.settings)
     self.evaluator = None
@@ -204,11 +264,18 @@ class _StageEvaluator:
 
   def run(self, step: int, ema_params: Any, writer: metrics.MetricWriter) -> dict:
     emb, mask = self.text.encode_prompts(self.prompts)
-    null_emb, null_mask = jnp.zeros_like(emb), jnp.zeros_like(mask)
+    null_emb, null_mask = np.zeros(emb.shape, emb.dtype), np.zeros_like(mask)
     shape = (len(self.prompts), self.stage.image_size, self.stage.image_size, 3)
-    x_T = jax.random.normal(self.rng, shape)
-    images = self.sampler(ema_params, self.rng, emb, mask, null_emb, null_mask, x_T, self.lowres)
-    images = np.asarray(jax.device_get(images))
+    # Host arrays for the per-call inputs: every process passes the same values (multi-host).
+    x_T = np.asarray(jax.random.normal(self.rng, shape))
+    with sharding.use_rules(self.mesh, self.rules):
+      images = self.sampler(ema_params, self.rng, emb, mask, null_emb, null_mask, x_T, self.lowres)
+    if images.is_fully_addressable:
+      images = np.asarray(jax.device_get(images))
+    else:
+      from jax.experimental import multihost_utils
+
+      images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
     results = {}
     if self.evaluator is not None:
       results = {f"eval/{k}": v for k, v in self.evaluator.run(images).items()}

@@ -1,0 +1,235 @@
+"""Will it fit? Compile a config's full-size train step from shapes alone and report memory.
+
+  python -m imagen_jax.tools.compile_check --config configs/base64.py --devices 8 \\
+      --mesh data=1,fsdp=8                        # 8 simulated CPU devices
+  python -m imagen_jax.tools.compile_check --config configs/sr256.py --batch 2048 --grad_accum 32
+  python -m imagen_jax.tools.compile_check --config configs/base64.py --topology v5e:2x4  # libtpu
+
+Nothing is allocated: the train state and the batch are ``jax.ShapeDtypeStruct`` with their
+shardings, the step is lowered and compiled for the mesh (``config.mesh``, or ``--mesh``), and
+XLA's memory analysis gives the per-device bytes. Printed per stage, per device:
+
+* ``params``, ``ema_params``, ``opt_state``: the sharded train state (exact: shapes × shardings);
+* ``batch``: this device's share of the global batch;
+* ``temporaries``: XLA's scratch for activations and gradients (backend-specific: a CPU
+  compile approximates a GPU's; use ``--topology`` with libtpu for TPU numbers);
+* ``total``: state + batch + temporaries — compare it with the accelerator's memory.
+
+``--devices N`` simulates N CPU devices (it sets ``XLA_FLAGS`` before JAX starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+GiB = 2**30
+
+
+def _parse_mesh(text: str) -> dict[str, int]:
+  out = {}
+  for part in filter(None, text.split(",")):
+    name, _, size = part.partition("=")
+    if not size.lstrip("-").isdigit():
+      raise ValueError(f"--mesh expects name=size pairs like data=2,fsdp=4; got {part!r}")
+    out[name.strip()] = int(size)
+  return out
+
+
+def _text_dim(config: Any, preset_text_dim: int) -> int:
+  """The text encoder's width: the demo's, a local checkpoint's config.json, or the preset's."""
+  from imagen_jax.train.text_cond import DEMO_ENCODER
+
+  enc = config.text.encoder
+  if enc == DEMO_ENCODER:
+    return 64
+  cfg_file = os.path.join(enc, "config.json") if enc else ""
+  if cfg_file and os.path.isfile(cfg_file):
+    with open(cfg_file) as f:
+      return int(json.load(f)["d_model"])
+  return preset_text_dim  # e.g. T5-XXL's 4096 in the paper presets
+
+
+def _devices(topology: str | None) -> list | None:
+  if not topology:
+    return None
+  try:
+    from jax.experimental import topologies
+  except ImportError as e:  # pragma: no cover - depends on the jax build
+    raise SystemExit(f"--topology needs jax.experimental.topologies: {e}") from e
+  platform, _, shape = topology.partition(":")
+  try:
+    topo = topologies.get_topology_desc(platform=platform, topology_name=shape or platform)
+  except Exception as e:  # the message names what is missing (plugin, topology name)
+    raise SystemExit(
+      f"--topology {topology!r}: cannot build it ({e}). Compiling for a TPU topology needs "
+      "libtpu (`pip install -e '.[tpu]'`); names look like 'tpu:v5e:2x4' or 'v4:2x2x1'."
+    ) from e
+  return list(topo.devices)
+
+
+def check_stage(
+  config: Any,
+  name: str,
+  mesh: Any,
+  *,
+  batch_size: int | None = None,
+  grad_accum: int | None = None,
+  remat: str | None = None,
+) -> dict:
+  """Compiles stage ``name``'s train step on ``mesh`` from shapes; returns per-device bytes.
+
+  ``batch_size``, ``grad_accum`` and ``remat`` override the stage's config (``remat``: the U-Net's
+  rematerialisation, ``"block"`` to recompute activations inside each block).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from imagen_jax import sharding
+  from imagen_jax.models.unet_config import UNetConfig
+  from imagen_jax.train import config as config_lib
+  from imagen_jax.train import model as model_lib
+  from imagen_jax.train import optim
+  from imagen_jax.train import step as step_lib
+
+  stage = config.stages[name]
+  if batch_size:
+    stage.batch_size = int(batch_size)
+  if grad_accum:
+    stage.grad_accum = int(grad_accum)
+  if remat:
+    stage.model.remat = remat
+  rules = config_lib.logical_rules(config)
+  text_dim = _text_dim(config, UNetConfig.from_preset(stage.model.preset).text_dim)
+  model = model_lib.StageModel.create(stage, text_dim=text_dim, seed=config.seed)
+  tx, lr_schedule = optim.make_optimizer(stage.optimizer, stage.total_steps)
+  shardings = step_lib.state_shardings(model, tx, mesh, rules)
+  state = step_lib.abstract_state(model, tx, shardings)
+
+  b, length, s = int(stage.batch_size), int(config.text.max_length), int(stage.image_size)
+  crop = int(stage.crop_size) or s
+  dtype = jnp.bfloat16 if config.text.dtype == "bfloat16" else jnp.float32
+  shapes = {
+    "image": ((b, crop, crop, 3), jnp.float32),
+    "text_emb": ((b, length, text_dim), dtype),
+    "text_mask": ((b, length), jnp.bool_),
+  }
+  if stage.lowres_size is not None:
+    lr = int(stage.lowres_size) * crop // s
+    shapes["lowres"] = ((b, lr, lr, 3), jnp.float32)
+  batch = {
+    k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh, len(shape)))
+    for k, (shape, dt) in shapes.items()
+  }
+  step_fn = step_lib.make_train_step(
+    model.apply, tx, lr_schedule, stage, model_lib.stage_schedule(stage)
+  )
+
+  def sharded_step(state, batch):
+    with sharding.use_rules(mesh, rules):
+      return step_fn(state, batch)
+
+  t0 = time.time()
+  lowered = jax.jit(
+    sharded_step, out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0
+  ).lower(state, batch)
+  compiled = lowered.compile()
+  seconds = time.time() - t0
+  mem = compiled.memory_analysis()
+  out: dict[str, Any] = {"stage": name, "preset": stage.model.preset, "params": model.num_params()}
+  for key in ("params", "ema_params", "opt_state"):
+    out[f"{key}_bytes"] = sharding.bytes_per_device(shardings[key], state[key])[0]
+  out["batch_bytes"] = sharding.bytes_per_device({k: v.sharding for k, v in batch.items()}, batch)[
+    0
+  ]
+  out["temp_bytes"] = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else None
+  out["total_bytes"] = sum(
+    out[k] or 0 for k in ("params_bytes", "ema_params_bytes", "opt_state_bytes", "batch_bytes")
+  ) + (out["temp_bytes"] or 0)
+  out.update(
+    mesh=dict(mesh.shape),
+    batch=b,
+    grad_accum=int(stage.grad_accum),
+    remat=stage.model.get("remat", "none"),
+    per_device_batch=b // int(stage.grad_accum) // (mesh.shape["data"] * mesh.shape["fsdp"]),
+    compile_s=round(seconds, 1),
+    platform=next(iter(mesh.devices.flat)).platform,
+  )
+  return out
+
+
+def _size(n: int | None) -> str:
+  if n is None:
+    return "n/a"
+  return f"{n / GiB:9.2f} GiB" if n >= GiB else f"{n / 2**20:9.1f} MiB"
+
+
+def format_report(r: dict) -> str:
+  lines = [
+    f"[{r['stage']}] {r['preset']}: {r['params']:,} params, mesh {r['mesh']} on "
+    f"{r['platform']}, global batch {r['batch']} in {r['grad_accum']} micro-batches "
+    f"({r['per_device_batch']} per device each), remat {r['remat']}, "
+    f"compiled in {r['compile_s']} s",
+    "  per device:",
+  ]
+  for key in ("params", "ema_params", "opt_state", "batch", "temp", "total"):
+    lines.append(f"    {key:<12} {_size(r[f'{key}_bytes'])}")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+  parser.add_argument("--stage", default="", help="stage name (default: every stage)")
+  parser.add_argument("--mesh", default="", help="mesh override, e.g. data=1,fsdp=8,tensor=1")
+  parser.add_argument("--batch", type=int, default=0, help="global batch override")
+  parser.add_argument("--grad_accum", type=int, default=0, help="micro-batches per step override")
+  parser.add_argument("--remat", default="", help="U-Net remat override: none, block, or a policy")
+  parser.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices")
+  parser.add_argument("--topology", default="", help="compile for a TPU topology (libtpu)")
+  parser.add_argument("--json", action="store_true", help="also print one JSON line per stage")
+  args = parser.parse_args(argv)
+  if args.devices:
+    if "jax" in sys.modules:
+      raise SystemExit("--devices must be set before JAX is imported (run as a fresh process)")
+    flag = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+  from imagen_jax import sharding
+  from imagen_jax.tools.count_params import load_config
+  from imagen_jax.train import config as config_lib
+
+  config = load_config(args.config)
+  if args.mesh:
+    config.mesh.update(_parse_mesh(args.mesh))
+  checked = config.copy_and_resolve_references()
+  checked.data.path = checked.data.path or "unused"  # no data is read: only the model is checked
+  checked.data.tfds_name = checked.data.tfds_name or "unused"
+  config_lib.validate(checked)
+  mesh = sharding.make_mesh(dict(config.mesh), devices=_devices(args.topology))
+  stages = [args.stage] if args.stage else config_lib.selected_stages(config)
+  for name in stages:
+    if name not in config.stages:
+      raise SystemExit(f"--stage {name!r} is not in the config; stages: {sorted(config.stages)}")
+    report = check_stage(
+      config,
+      name,
+      mesh,
+      batch_size=args.batch or None,
+      grad_accum=args.grad_accum or None,
+      remat=args.remat or None,
+    )
+    print(format_report(report), flush=True)
+    if args.json:
+      print(json.dumps(report))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
