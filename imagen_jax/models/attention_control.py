@@ -15,7 +15,8 @@ Design:
   (§2.5) these are the text columns of the joint softmax (they sum to <= 1 per query); the image
   columns are left as they were. The controller returns the replacement, same shape.
 * Returning the very array it received (``return probs``) means "read only": the layer then keeps
-  the fused ``jax.nn.dot_product_attention`` output, so reading never changes the numerics. Any
+  the fused attention output (``layers._xla_attention`` or cuDNN), so reading never changes the
+  numerics. Any
   other array replaces the probabilities (explicit einsum path).
 * Results leave the trace functionally: when a controller is passed, ``UNet.__call__`` returns
   ``(out, controller.outputs())``. Build controllers inside the jitted function (they may close over
