@@ -5,6 +5,7 @@
   python sample.py --prompts_file=prompts.txt --set=sr.steps=50 --set=base.guidance=7
   python sample.py --start_stage=sr --init_image=low.png      # upscale-only
   python sample.py --start_stage=base --init_image=x.png --strength=0.6   # img2img
+  python sample.py --workdir=runs/base64,runs/sr256,runs/sr1024 --prompt="a corgi"  # run/stage
 
 See README.md ("Sampling") for every option.
 """
@@ -14,13 +15,20 @@ from __future__ import annotations
 from absl import app, flags
 from absl import logging as absl_logging
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/shapes", "A train.py workdir.")
+_WORKDIR = flags.DEFINE_list(
+  "workdir",
+  ["runs/shapes"],
+  "A train.py workdir, or several comma-separated (e.g. runs/base64,runs/sr256,runs/sr1024: "
+  "stages trained as separate runs), whose stages form the cascade in that order.",
+)
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line.")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Negative prompt for every image.")
 _NUM = flags.DEFINE_integer("num_images", 1, "Images per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed (same seed + settings = same PNGs).")
-_OUTDIR = flags.DEFINE_string("outdir", None, "Output directory (default WORKDIR/samples_cli).")
+_OUTDIR = flags.DEFINE_string(
+  "outdir", None, "Output directory (default <first workdir>/samples_cli)."
+)
 _SET = flags.DEFINE_multi_string(
   "set",
   [],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -39,6 +41,27 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cascade(workdir):
   return Cascade.from_workdir(str(workdir), max_batch=4)
+
+
+def _split_run(workdir, dest, name, *, copy_stage=True, **config_updates):
+  """A run of stage ``name`` alone, as if trained separately: its config.json lists only that
+  stage, and its checkpoints are the fixture run's (copied unless ``copy_stage=False``)."""
+  config = json.loads((workdir / "config.json").read_text())
+  config.update(stage_order=[name], stages={name: config["stages"][name]}, **config_updates)
+  dest.mkdir()
+  (dest / "config.json").write_text(json.dumps(config))
+  if copy_stage:
+    shutil.copytree(workdir / name, dest / name)
+  return dest
+
+
+@pytest.fixture(scope="module")
+def split_runs(workdir, tmp_path_factory):
+  """The fixture's stages as two separately trained runs: (base run, SR run)."""
+  root = tmp_path_factory.mktemp("split")
+  base, sr = _split_run(workdir, root / "base", "base"), _split_run(workdir, root / "sr", "sr")
+  shutil.copytree(workdir / "text_encoder", base / "text_encoder")  # the first run's is used
+  return base, sr
 
 
 def test_shapes_range_determinism_and_seeds(cascade):
@@ -141,23 +164,63 @@ def test_bad_input_fails_before_compiling(cascade, workdir):
     Cascade.from_workdir(str(workdir / "nope"))
 
 
+def test_cascade_from_several_workdirs_equals_one_workdir(cascade, split_runs):
+  base_run, sr_run = split_runs
+  multi = Cascade.from_workdir([str(base_run), sr_run], max_batch=4)
+  assert [(s.name, s.workdir) for s in multi.stages] == [
+    ("base", str(base_run)),
+    ("sr", str(sr_run)),
+  ]
+  want, got = cascade(PROMPTS, seed=0, progress=False), multi(PROMPTS, seed=0, progress=False)
+  assert list(got) == ["base", "sr"]
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_several_workdirs_must_form_one_cascade(workdir, split_runs, tmp_path):
+  base_run, sr_run = split_runs
+  # Fails on the configs alone: before any text encoder or checkpoint is loaded.
+  with pytest.raises(ValueError, match=f"'sr' is in two runs, {re.escape(str(workdir))} and "):
+    Cascade.from_workdir([workdir, sr_run])
+  text = json.loads((workdir / "config.json").read_text())["text"]
+  for field, value in (("max_length", 32), ("encoder", "google/t5-v1_1-base")):
+    other = _split_run(workdir, tmp_path / field, "sr", text={**text, field: value})
+    with pytest.raises(ValueError, match=rf"different text encoders: config\.text\.{field} is"):
+      Cascade.from_workdir([base_run, other])
+  other_seed = _split_run(workdir, tmp_path / "seed", "sr", seed=123, copy_stage=False)
+  with pytest.raises(ValueError, match="config.seed .the shapes_demo encoder"):
+    Cascade.from_workdir([base_run, other_seed])
+  with pytest.raises(
+    ValueError, match="'base' is a base stage .* after stage 'sr': the stages do not chain"
+  ):
+    Cascade.from_workdir([sr_run, base_run])
+  sr16 = _split_run(workdir, tmp_path / "sr16", "sr", copy_stage=False)
+  config = json.loads((sr16 / "config.json").read_text())
+  config["stages"]["sr"]["lowres_size"] = 16
+  (sr16 / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="takes 16² .* produces 32²: the stages do not chain"):
+    Cascade.from_workdir([base_run, sr16])  # sr16 has no checkpoint: checked before loading
+  with pytest.raises(ValueError, match="stages \\['sr256'\\] not in the runs"):
+    Cascade.from_workdir([base_run, sr_run], stages=["base", "sr256"])
+
+
 def _sha(path):
   return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_sample_py_end_to_end(workdir, tmp_path):
+def test_sample_py_end_to_end(workdir, split_runs, tmp_path):
   prompts_file = tmp_path / "prompts.txt"
   prompts_file.write_bytes(b"a small red circle at the top left\n\xffa green square\n")
 
-  def run(outdir, seed):
+  def run(outdir, seed, workdirs=(workdir,)):
     cmd = [
       sys.executable,
       str(ROOT / "sample.py"),
-      f"--workdir={workdir}",
+      f"--workdir={','.join(map(str, workdirs))}",
       f"--prompts_file={prompts_file}",
       "--num_images=2",
       f"--seed={seed}",
-      f"--outdir={outdir}",
+      *([f"--outdir={outdir}"] if outdir else []),
       "--set=*.steps=2",
     ]
     r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
@@ -177,12 +240,17 @@ def test_sample_py_end_to_end(workdir, tmp_path):
     for stage, size in (("base", 32), ("sr", 64)):
       assert Image.open(tmp_path / "a" / f"{i:03d}_{stage}.png").size == (size, size)
   assert Image.open(tmp_path / "a" / "grid.png").mode == "RGB"
-  run(tmp_path / "b", 0)
+  # The same stages as two separately trained runs: same PNGs, in the first run's samples_cli.
+  run(None, 0, workdirs=split_runs)
+  b = split_runs[0] / "samples_cli"
+  meta_b = json.loads((b / "metadata.json").read_text())
+  assert meta_b["workdirs"] == [str(d) for d in split_runs]
+  assert {k: (v["workdir"], v["checkpoint_step"]) for k, v in meta_b["stages"].items()} == {
+    "base": (str(split_runs[0]), 2),
+    "sr": (str(split_runs[1]), 2),
+  }
   run(tmp_path / "c", 1)
-  same = [
-    _sha(tmp_path / "a" / f"00{i}_sr.png") == _sha(tmp_path / "b" / f"00{i}_sr.png")
-    for i in range(4)
-  ]
+  same = [_sha(tmp_path / "a" / f"00{i}_sr.png") == _sha(b / f"00{i}_sr.png") for i in range(4)]
   diff = [
     _sha(tmp_path / "a" / f"00{i}_sr.png") != _sha(tmp_path / "c" / f"00{i}_sr.png")
     for i in range(4)

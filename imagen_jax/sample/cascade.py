@@ -4,6 +4,9 @@
   out = cascade(["a small red circle at the top left"], seed=0)
   out["base"], out["sr"]                                    # [N, H, W, 3] float in [-1, 1]
 
+  # Stages trained as separate runs (one workdir each), chained in the given order:
+  cascade = Cascade.from_workdir(["runs/base64", "runs/sr256", "runs/sr1024"])
+
 Each stage's whole sampling loop is one jitted program. Prompts are tokenized to a fixed length and
 batches are padded to power-of-two buckets, so new prompts (or a different number of them within a
 bucket) never recompile; batches are sharded over the available devices.
@@ -23,7 +26,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from imagen_jax import diffusion
+from imagen_jax import diffusion, sharding
 from imagen_jax.sample.stage import SamplerSettings, make_stage_sampler
 
 
@@ -40,6 +43,7 @@ class CascadeStage:
   lowres_size: int | None
   settings: SamplerSettings
   checkpoint_step: int | None = None
+  workdir: str | None = None  # the training run it was restored from
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -52,6 +56,49 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     )
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
+
+
+Workdirs = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+def load_run_configs(workdir: Workdirs) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """``(workdir, config)`` of one or several training runs, checked to form one cascade.
+
+  Each run contributes the stages of its ``stage_order``. Stage names must be unique across the
+  runs, and every run must have been trained with the first run's text encoder
+  (``config.text.encoder`` and ``max_length``): a stage conditioned on embeddings from another
+  encoder than the one it was trained with produces garbage, silently.
+
+  Args:
+    workdir: a ``train.py`` workdir, or a sequence of them (e.g. one run per stage).
+
+  Raises:
+    ValueError: no workdir, a stage name in two runs, or different text encoders.
+    FileNotFoundError: a workdir without ``config.json``.
+  """
+  dirs = _as_workdirs(workdir)
+  runs = [(d, load_run_config(d)) for d in dirs]
+  owner: dict[str, str] = {}
+  for d, config in runs:
+    for name in config.stage_order:
+      if name in owner:
+        raise ValueError(
+          f"stage {name!r} is in two runs, {owner[name]} and {d}: stage names must be unique "
+          f"across the workdirs of a cascade"
+        )
+      owner[name] = d
+  (first, ref), rest = runs[0], runs[1:]
+  for d, config in rest:
+    want_id, got_id = _text_identity(ref), _text_identity(config)
+    for field in {**want_id, **got_id}:
+      want, got = want_id.get(field), got_id.get(field)
+      if want != got:
+        raise ValueError(
+          f"runs {first} and {d} were trained with different text encoders: {field} is "
+          f"{want!r} in {first} but {got!r} in {d}. Every stage must be sampled with the text "
+          f"encoder it was trained with; the cascade uses the first run's."
+        )
+  return runs
 
 
 class Cascade:
@@ -67,66 +114,75 @@ class Cascade:
   def __init__(self, stages: Sequence[CascadeStage], text: Any, *, max_batch: int = 16):
     if not stages:
       raise ValueError("Cascade needs at least one stage")
-    for prev, cur in zip(stages, stages[1:]):
-      if cur.lowres_size != prev.image_size:
-        raise ValueError(
-          f"stage {cur.name!r} takes {cur.lowres_size}² low-res input but the previous stage "
-          f"{prev.name!r} produces {prev.image_size}²: the stages do not chain"
-        )
+    _check_chain([(s.name, s.image_size, s.lowres_size) for s in stages])
     self.stages = list(stages)
     self.text = text
     self.max_batch = int(max_batch)
     self._samplers: dict[tuple, Callable] = {}
     self._progress: dict[str, Any] = {"bar": None, "callback": None, "stage": None}
-    n = jax.device_count()
-    self._mesh = (
-      jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,)) if n > 1 else None
-    )
+    # The batch is split over every device, as in training (params replicated: sampling is
+    # memory-light and latency-bound).
+    self._mesh = sharding.make_mesh({"data": -1}) if jax.device_count() > 1 else None
 
   # ---- construction -------------------------------------------------------------------------
 
   @classmethod
   def from_workdir(
     cls,
-    workdir: str,
+    workdir: Workdirs,
     *,
     stages: Sequence[str] | None = None,
     use_ema: bool = True,
     settings: dict[str, dict] | None = None,
     max_batch: int = 16,
   ) -> Cascade:
-    """Loads the latest checkpoint of every stage (EMA weights by default) of a training run.
+    """Loads the latest checkpoint of every stage (EMA weights by default) of training runs.
 
     Args:
-      workdir: the ``--workdir`` of ``train.py``.
-      stages: which stages (default: all in the run's ``stage_order``).
+      workdir: the ``--workdir`` of ``train.py``, or several (e.g. ``["runs/base64",
+        "runs/sr256", "runs/sr1024"]``, one run per stage): their stages, each run's
+        ``stage_order`` in turn, form the cascade. See :func:`load_run_configs` for the checks;
+        the text encoder is the first run's.
+      stages: which stages, by name (default: all of them, in order).
       use_ema: EMA params (default) or raw params.
-      settings: per-stage overrides of the run's ``sample`` settings, e.g.
+      settings: per-stage overrides of the runs' ``sample`` settings, e.g.
         ``{"sr": {"steps": 50, "guidance": 7.0}}``.
+      max_batch: largest batch per compiled call.
+
+    Raises:
+      ValueError: inconsistent runs, unknown stages, or stages that do not chain (checked before
+        any checkpoint or text encoder is loaded).
+      FileNotFoundError: a workdir without ``config.json`` or a stage without a checkpoint.
     """
     from imagen_jax.checkpoint import restore_params
     from imagen_jax.train.model import StageModel, stage_schedule
     from imagen_jax.train.text_cond import build_text_conditioner
 
-    config = load_run_config(workdir)
-    names = list(stages or config.stage_order)
-    unknown = [n for n in names if n not in config.stages]
+    runs = load_run_configs(workdir)
+    owner = {name: (d, config) for d, config in runs for name in config.stage_order}
+    names = list(stages or owner)
+    unknown = [n for n in names if n not in owner]
     if unknown:
-      raise ValueError(f"stages {unknown} not in the run (it has {list(config.stage_order)})")
+      where = f"the run {runs[0][0]}" if len(runs) == 1 else f"the runs {[d for d, _ in runs]}"
+      raise ValueError(f"stages {unknown} not in {where} (stages: {list(owner)})")
     settings = settings or {}
     for key in settings:
       if key not in names:
         raise ValueError(f"settings for unknown stage {key!r}; stages: {names}")
-    text = build_text_conditioner(config, workdir)
+    _check_chain(
+      [(n, int(owner[n][1].stages[n].image_size), owner[n][1].stages[n].lowres_size) for n in names]
+    )
+    text = build_text_conditioner(runs[0][1], runs[0][0])
     out = []
     for name in names:
+      run_dir, config = owner[name]
       stage = config.stages[name]
-      ckdir = os.path.join(workdir, name, "checkpoints")
+      ckdir = os.path.join(run_dir, name, "checkpoints")
       steps = [int(d) for d in os.listdir(ckdir) if d.isdigit()] if os.path.isdir(ckdir) else []
       if not steps:
         raise FileNotFoundError(
           f"stage {name!r}: no checkpoint in {ckdir}; train it first (python train.py "
-          f"--workdir={workdir} --config.train_stages={name})"
+          f"--workdir={run_dir} --config.train_stages={name})"
         )
       model = StageModel.create(stage, text_dim=text.d_model, seed=config.seed)
       abstract = jax.tree.map(
@@ -147,6 +203,7 @@ class Cascade:
           lowres_size=stage.lowres_size,
           settings=SamplerSettings.from_config(sample_cfg),
           checkpoint_step=max(steps),
+          workdir=run_dir,
         )
       )
     return cls(out, text, max_batch=max_batch)
@@ -256,16 +313,19 @@ class Cascade:
       return stage.settings
     return dataclasses.replace(stage.settings, **overrides)  # validated in __post_init__
 
-  def _sampler(self, stage: CascadeStage, cfg: SamplerSettings, with_x0: bool) -> Callable:
-    key = (stage.name, cfg, with_x0)
+  def _sampler(self, stage: CascadeStage, cfg: SamplerSettings, report: str | None) -> Callable:
+    """The jitted sampler; ``report``: None (no host callbacks), "steps" (the bar) or "x0"."""
+    key = (stage.name, cfg, report)
     if key not in self._samplers:
+      # Without a bar or callback no per-step host callback is compiled in: on accelerators it
+      # would sync the device with the host at every step.
       self._samplers[key] = make_stage_sampler(
         stage.model.apply,
         stage.schedule,
         stage.pred_type,
         cfg,
-        progress_fn=self._on_step,
-        progress_x0=with_x0,
+        progress_fn=self._on_step if report else None,
+        progress_x0=report == "x0",
       )
     return self._samplers[key]
 
@@ -297,10 +357,14 @@ class Cascade:
     args = [pad(emb), pad(mask), pad(null_emb), pad(null_mask), x_T]
     lr = pad(lowres) if lowres is not None else None
     if self._mesh is not None and bucket % self._mesh.size == 0:
-      data = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec("data"))
-      args = [jax.device_put(a, data) for a in args]
-      lr = jax.device_put(lr, data) if lr is not None else None
-    sampler = self._sampler(stage, cfg, self._progress["callback"] is not None)
+      args = [jax.device_put(a, sharding.batch_sharding(self._mesh, a.ndim)) for a in args]
+      if lr is not None:
+        lr = jax.device_put(lr, sharding.batch_sharding(self._mesh, lr.ndim))
+    bar = self._progress["bar"]
+    report = "x0" if self._progress["callback"] is not None else None
+    if report is None and bar is not None and not bar.disable:
+      report = "steps"
+    sampler = self._sampler(stage, cfg, report)
     rng = jax.random.fold_in(jax.random.fold_in(key, 1_000_003 + si), lo)
     x0 = sampler(stage.params, rng, *args, lr, t_start=t_start)
     return np.asarray(jax.device_get(x0))[:m]
@@ -320,3 +384,38 @@ def _check_image(x: np.ndarray, n: int, size: int, what: str) -> None:
 
 def _replicated():
   return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _as_workdirs(workdir: Workdirs) -> list[str]:
+  dirs = [workdir] if isinstance(workdir, (str, os.PathLike)) else list(workdir)
+  if not dirs:
+    raise ValueError("no workdir given")
+  return [os.fspath(d) for d in dirs]
+
+
+def _text_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What determines the text embeddings a run's stages were trained on."""
+  from imagen_jax.train.text_cond import DEMO_ENCODER
+
+  t = config.text
+  out = {"config.text.encoder": t.encoder, "config.text.max_length": int(t.max_length)}
+  if not t.encoder:
+    out["config.text.embedding_cache"] = t.embedding_cache
+  if t.encoder == DEMO_ENCODER:  # its frozen random weights are generated from the seed
+    out["config.seed (the shapes_demo encoder's weights)"] = int(config.seed)
+  return out
+
+
+def _check_chain(stages: Sequence[tuple[str, int, int | None]]) -> None:
+  """``(name, image_size, lowres_size)`` in cascade order: each stage takes the previous' output."""
+  for (prev, prev_size, _), (cur, _, cur_lowres) in zip(stages, stages[1:]):
+    if cur_lowres is None:
+      raise ValueError(
+        f"stage {cur!r} is a base stage (no low-res input) but comes after stage {prev!r}: the "
+        f"stages do not chain (order them base first, e.g. base64, sr256, sr1024)"
+      )
+    if cur_lowres != prev_size:
+      raise ValueError(
+        f"stage {cur!r} takes {cur_lowres}² low-res input but the previous stage "
+        f"{prev!r} produces {prev_size}²: the stages do not chain"
+      )

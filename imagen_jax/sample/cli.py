@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from imagen_jax import metrics
-from imagen_jax.sample.cascade import Cascade, load_run_config
+from imagen_jax.sample.cascade import Cascade, Workdirs, load_run_configs
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,12 @@ def parse_settings(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def read_prompts(
-  prompts: Sequence[str] | None, prompts_file: str | None, workdir: str
+  prompts: Sequence[str] | None, prompts_file: str | None, workdir: Workdirs
 ) -> list[str]:
-  """Prompts from flags and/or a file (non-UTF-8 bytes replaced and warned); demo defaults."""
+  """Prompts from flags and/or a file (non-UTF-8 bytes replaced and warned); demo defaults.
+
+  The demo defaults apply when the (first) run in ``workdir`` trained on the shapes data.
+  """
   out = list(prompts or [])
   if prompts_file:
     with open(prompts_file, "rb") as f:
@@ -72,7 +75,7 @@ def read_prompts(
       )
   if out:
     return out
-  config = load_run_config(workdir)
+  config = load_run_configs(workdir)[0][1]
   if config.data.source == "shapes":
     from imagen_jax.evaluators.shapes import default_prompts
 
@@ -89,7 +92,7 @@ def _load_image(path: str) -> np.ndarray:
 
 def run(
   *,
-  workdir: str,
+  workdir: Workdirs,
   prompts: Sequence[str],
   num_images: int = 1,
   seed: int = 0,
@@ -104,7 +107,11 @@ def run(
   compilation_cache: str | None = None,
 ) -> dict[str, Any]:
   """Samples ``num_images`` per prompt and writes ``outdir/{i:03d}_{stage}.png``, ``grid.png``
-  and ``metadata.json``. Returns the written paths."""
+  and ``metadata.json``. Returns the written paths.
+
+  ``workdir`` is one ``train.py`` workdir or several (one run per stage, in cascade order; see
+  :meth:`Cascade.from_workdir`); ``outdir`` defaults to ``<first workdir>/samples_cli``.
+  """
   if num_images < 1:
     raise ValueError(f"--num_images must be >= 1, got {num_images}")
   if compilation_cache:
@@ -113,13 +120,14 @@ def run(
     jax.config.update("jax_compilation_cache_dir", compilation_cache)
   settings = dict(settings or {})
   common = settings.pop("*", {})
-  config = load_run_config(workdir)
-  names = list(stages or config.stage_order)
+  runs = load_run_configs(workdir)
+  names = list(stages or [n for _, config in runs for n in config.stage_order])
   per_stage = {n: {**common, **settings.get(n, {})} for n in names}
   unknown = sorted(set(settings) - set(names))
   if unknown:
-    raise ValueError(f"--set names stages {unknown}; this run has {names}")
-  cascade = Cascade.from_workdir(workdir, stages=names, settings=per_stage, max_batch=max_batch)
+    raise ValueError(f"--set names stages {unknown}; the cascade has {names}")
+  workdirs = [d for d, _ in runs]
+  cascade = Cascade.from_workdir(workdirs, stages=names, settings=per_stage, max_batch=max_batch)
   all_prompts = [p for p in prompts for _ in range(num_images)]
   n = len(all_prompts)
   init = None
@@ -133,7 +141,7 @@ def run(
     init_image=init,
     strength=strength,
   )
-  outdir = outdir or os.path.join(workdir, "samples_cli")
+  outdir = outdir or os.path.join(workdirs[0], "samples_cli")
   os.makedirs(outdir, exist_ok=True)
   files, final = [], []
   for name, images in out.items():
@@ -148,6 +156,7 @@ def run(
   stage_info = {
     s.name: {
       "image_size": s.image_size,
+      "workdir": os.path.abspath(s.workdir) if s.workdir else None,
       "checkpoint_step": s.checkpoint_step,
       "settings": dataclasses.asdict(cascade._settings(s, None)),
     }
@@ -155,7 +164,8 @@ def run(
     if s.name in out
   }
   meta = {
-    "workdir": os.path.abspath(workdir),
+    "workdir": os.path.abspath(workdirs[0]),  # the first run (text encoder); all in "workdirs"
+    "workdirs": [os.path.abspath(d) for d in workdirs],
     "seed": seed,
     "prompts": all_prompts,
     "negative_prompt": negative_prompt,
