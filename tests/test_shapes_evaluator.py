@@ -79,6 +79,26 @@ def test_shuffled_captions_score_near_chance():
   assert abs(m["alignment"] - m["chance_alignment"]) < 0.1
 
 
+def test_single_and_two_object_alignment_split_alignment():
+  prompts, images = _dataset(32, n=300, seed=4)
+  shuffled = [prompts[i] for i in np.random.default_rng(0).permutation(len(prompts))]
+  for caps in (prompts, shuffled):
+    m = ev.score(caps, images)
+    ns, nt = m["num_single"], m["num_two"]
+    # alignment is the prompt-weighted mean of the two per-template alignments.
+    split = (ns * m["single_object_alignment"] + nt * m["two_object_alignment"]) / (ns + nt)
+    assert split == pytest.approx(m["alignment"])
+    assert m["single_object_alignment"] >= m["single_object_acc"]
+  assert ev.score(prompts, images)["single_object_alignment"] >= 0.98
+  m = ev.score(shuffled, images)
+  assert abs(m["single_object_alignment"] - m["chance_single_object_alignment"]) < 0.1
+  # Only single-object prompts: the two-object metrics are undefined.
+  single = [i for i, p in enumerate(prompts) if len(ds.parse_caption(p).objects) == 1]
+  m = ev.score([prompts[i] for i in single], images[single])
+  assert np.isnan(m["two_object_alignment"]) and np.isnan(m["chance_two_object_alignment"])
+  assert m["single_object_alignment"] == pytest.approx(m["alignment"])
+
+
 def test_noise_and_blank_images():
   prompts = ev.default_prompts(100)
   rng = np.random.default_rng(0)

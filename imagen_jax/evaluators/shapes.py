@@ -36,6 +36,9 @@ _MAX_ANALYSIS_SIZE = 64  # images over 128² are box-downsampled to 64²…128²
 _MIN_AREA = 0.005  # of the image: a quarter of the smallest object (a small triangle, 0.0196)
 _RADIUS_SPLIT = math.sqrt(ds.SIZE_RADIUS["small"] * ds.SIZE_RADIUS["large"])
 _BLURS = (0.0, 0.6, 1.2)  # template blurs tried, in pixels at 32² (scaled with resolution)
+# Expected per-prompt alignment of a generator with uniformly random attributes.
+_CHANCE_SINGLE = (1 / 8 + 1 / 3 + 1 / 2 + 1 / 9) / 4  # colour, shape, size, 3×3 cell
+_CHANCE_TWO = (2 / 8 + 2 / 3 + 1 / 4) / 5  # 2 colours, 2 shapes, relation
 
 
 def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -256,6 +259,9 @@ def score(
   - ``size_acc``: single-object prompts only. ``relation_acc``: two-object prompts only.
   - ``count_acc``: the image holds exactly as many objects as the prompt.
   - ``single_object_acc``: exactly one object with all four attributes right.
+  - ``single_object_alignment``: mean per-attribute accuracy (colour, shape, size, cell) over
+    single-object prompts only, i.e. ``alignment`` restricted to them; ``two_object_alignment``:
+    the same over two-object prompts (2 colours, 2 shapes, relation).
   - ``two_object_acc``: exactly two objects, both colours and shapes and the relation right.
   - ``alignment``: mean over prompts of the fraction of that prompt's attribute checks passed
     (single: colour, shape, size, position; two: 2 colours, 2 shapes, relation).
@@ -282,6 +288,7 @@ def score(
   if len(prompts) != len(images):
     raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
   color, shape, position, size, relation, count, single, two, align = ([] for _ in range(9))
+  align_single, align_two = [], []
   unparsed = n_single = n_two = 0
   chance_align, chance_pos = [], []
   for prompt, image in zip(prompts, images):
@@ -306,7 +313,8 @@ def score(
       position.append(ok[3])
       single.append(all(ok) and count[-1])
       align.append(sum(ok) / 4)
-      chance_align.append((1 / 8 + 1 / 3 + 1 / 2 + 1 / 9) / 4)
+      align_single.append(align[-1])
+      chance_align.append(_CHANCE_SINGLE)
       chance_pos.append(1 / 9)
     else:
       n_two += 1
@@ -317,7 +325,8 @@ def score(
       relation.append(rel_ok)
       two.append(all(checks) and rel_ok and count[-1])
       align.append((sum(checks) + rel_ok) / 5)
-      chance_align.append((2 / 8 + 2 / 3 + 1 / 4) / 5)
+      align_two.append(align[-1])
+      chance_align.append(_CHANCE_TWO)
       chance_pos.append(1 / 4)
   return {
     "alignment": _mean(align),
@@ -329,6 +338,8 @@ def score(
     "count_acc": _mean(count),
     "single_object_acc": _mean(single),
     "two_object_acc": _mean(two),
+    "single_object_alignment": _mean(align_single),
+    "two_object_alignment": _mean(align_two),
     "chance_alignment": _mean(chance_align),
     "chance_color_acc": 1 / 8,
     "chance_shape_acc": 1 / 3,
@@ -337,6 +348,8 @@ def score(
     "chance_relation_acc": 1 / 4,
     "chance_single_object_acc": 1 / 432,
     "chance_two_object_acc": (1 / 24) ** 2 / 4,
+    "chance_single_object_alignment": _CHANCE_SINGLE if align_single else math.nan,
+    "chance_two_object_alignment": _CHANCE_TWO if align_two else math.nan,
     "num_prompts": float(len(prompts)),
     "num_single": float(n_single),
     "num_two": float(n_two),
@@ -409,16 +422,16 @@ class ShapesAlignmentEvaluator:
 
 _TABLE_ROWS = (
   "alignment", "color_acc", "shape_acc", "position_acc", "size_acc", "relation_acc", "count_acc",
-  "single_object_acc", "two_object_acc",
+  "single_object_acc", "two_object_acc", "single_object_alignment", "two_object_alignment",
 )  # fmt: skip
 
 
 def format_table(metrics: dict[str, float]) -> str:
   """A plain-text table of metrics next to their chance levels."""
-  lines = [f"{'metric':<20}{'score':>8}{'chance':>8}"]
+  lines = [f"{'metric':<24}{'score':>8}{'chance':>8}"]
   for k in _TABLE_ROWS:
     chance = f"{metrics[f'chance_{k}']:.3f}" if f"chance_{k}" in metrics else "-"
-    lines.append(f"{k:<20}{metrics[k]:>8.3f}{chance:>8}")
+    lines.append(f"{k:<24}{metrics[k]:>8.3f}{chance:>8}")
   lines.append(
     f"prompts: {metrics['num_prompts']:.0f} ({metrics['num_single']:.0f} single, "
     f"{metrics['num_two']:.0f} two-object, {metrics['unparsed']:.0f} unparsed)"
