@@ -53,10 +53,9 @@ def stages_from_configs(specs: list[str], dtype: str, settings: dict):
   import jax
 
   from imagen_jax.sample.cascade import CascadeStage
-  from imagen_jax.sample.stage import SamplerSettings
   from imagen_jax.tools.count_params import load_config
   from imagen_jax.tools.flops import text_encoder_config
-  from imagen_jax.train.model import StageModel, stage_schedule
+  from imagen_jax.train.model import StageModel
 
   stages, text = [], None
   for spec in specs:
@@ -74,16 +73,7 @@ def stages_from_configs(specs: list[str], dtype: str, settings: dict):
       model = StageModel.create(stage, text_dim=d_model, seed=0)
       params = jax.jit(model.init_params)()
       stages.append(
-        CascadeStage(
-          name=name,
-          model=model,
-          params=params,
-          schedule=stage_schedule(stage),
-          pred_type=stage.objective,
-          image_size=int(stage.image_size),
-          lowres_size=stage.lowres_size,
-          settings=SamplerSettings.from_config({**dict(stage.sample), **settings}),
-        )
+        CascadeStage.from_stage_config(stage, model, params, settings=settings, name=name)
       )
   return stages, text
 

@@ -45,6 +45,26 @@ class CascadeStage:
   checkpoint_step: int | None = None
   workdir: str | None = None  # the training run it was restored from
 
+  @classmethod
+  def from_stage_config(
+    cls, stage: Any, model: Any, params: Any, *, settings: dict | None = None, **fields: Any
+  ) -> CascadeStage:
+    """A stage from its training config (``config.stages.<name>``): schedule, objective, sizes
+    and the ``sample`` settings (updated by ``settings``); ``fields`` set the rest."""
+    from imagen_jax.train.model import stage_schedule
+
+    fields.setdefault("name", stage.name)
+    return cls(
+      model=model,
+      params=params,
+      schedule=stage_schedule(stage),
+      pred_type=stage.objective,
+      image_size=int(stage.image_size),
+      lowres_size=stage.lowres_size,
+      settings=SamplerSettings.from_config({**dict(stage.sample), **(settings or {})}),
+      **fields,
+    )
+
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The ``config.json`` a training run wrote into its workdir."""
@@ -155,7 +175,7 @@ class Cascade:
       FileNotFoundError: a workdir without ``config.json`` or a stage without a checkpoint.
     """
     from imagen_jax.checkpoint import restore_params
-    from imagen_jax.train.model import StageModel, stage_schedule
+    from imagen_jax.train.model import StageModel
     from imagen_jax.train.text_cond import build_text_conditioner
 
     runs = load_run_configs(workdir)
@@ -190,18 +210,13 @@ class Cascade:
         model.abstract_params(),
       )
       params = restore_params(ckdir, abstract, key="ema_params" if use_ema else "params")
-      sample_cfg = dict(stage.sample)
-      sample_cfg.update(settings.get(name, {}))
       out.append(
-        CascadeStage(
+        CascadeStage.from_stage_config(
+          stage,
+          model,
+          params,
+          settings=settings.get(name),
           name=name,
-          model=model,
-          params=params,
-          schedule=stage_schedule(stage),
-          pred_type=stage.objective,
-          image_size=int(stage.image_size),
-          lowres_size=stage.lowres_size,
-          settings=SamplerSettings.from_config(sample_cfg),
           checkpoint_step=max(steps),
           workdir=run_dir,
         )

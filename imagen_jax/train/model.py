@@ -9,10 +9,10 @@ created directly on device (and, with shardings, directly sharded).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from imagen_jax import diffusion
@@ -91,4 +91,4 @@ class StageModel:
     return self.merge(params)(x, logsnr, text_emb, text_mask, **kwargs)
 
   def num_params(self) -> int:
-    return sum(int(jnp.size(x)) for x in jax.tree.leaves(self.abstract_params()))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params()))

@@ -168,20 +168,28 @@ def make_train_step(
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    decay = optim.ema_decay(state["step"], stage.ema_decay, stage.ema_warmup)
-    new_ema = optim.ema_update(state["ema_params"], new_params, decay)
 
     # A non-finite loss or gradient skips the whole update (params, optimizer, EMA unchanged).
-    def keep(new, old):
-      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    # One conditional rather than a select per leaf: the same result, and several times fewer
+    # ops for XLA to compile (a where per parameter, EMA and optimizer leaf adds up).
+    def apply_update(_):
+      updates, new_opt = tx.update(grads, state["opt_state"], params)
+      new_params = optax.apply_updates(params, updates)
+      decay = optim.ema_decay(state["step"], stage.ema_decay, stage.ema_warmup)
+      new_ema = optim.ema_update(state["ema_params"], new_params, decay)
+      return new_params, new_ema, new_opt, optax.tree.norm(updates)
 
+    def skip_update(_):
+      return params, state["ema_params"], state["opt_state"], jnp.zeros((), jnp.float32)
+
+    new_params, new_ema, new_opt, update_norm = jax.lax.cond(
+      finite, apply_update, skip_update, None
+    )
     new_state = {
       "step": state["step"] + 1,
-      "params": keep(new_params, params),
-      "ema_params": keep(new_ema, state["ema_params"]),
-      "opt_state": keep(new_opt, state["opt_state"]),
+      "params": new_params,
+      "ema_params": new_ema,
+      "opt_state": new_opt,
       "rng": state["rng"],
       "nonfinite_run": jnp.where(finite, 0, state["nonfinite_run"] + 1),
       "skipped": state["skipped"] + (~finite).astype(jnp.int32),
@@ -190,7 +198,7 @@ def make_train_step(
       "loss": loss,
       "grad_norm": grad_norm,
       "param_norm": optax.tree.norm(params),
-      "update_norm": jnp.where(finite, optax.tree.norm(updates), 0.0),
+      "update_norm": update_norm,
       "lr": lr_schedule(state["step"]),
       "skipped_steps": new_state["skipped"],
       "nonfinite_run": new_state["nonfinite_run"],
