@@ -41,20 +41,6 @@ def _parse_mesh(text: str) -> dict[str, int]:
   return out
 
 
-def _text_dim(config: Any, preset_text_dim: int) -> int:
-  """The text encoder's width: the demo's, a local checkpoint's config.json, or the preset's."""
-  from imagen_jax.train.text_cond import DEMO_ENCODER
-
-  enc = config.text.encoder
-  if enc == DEMO_ENCODER:
-    return 64
-  cfg_file = os.path.join(enc, "config.json") if enc else ""
-  if cfg_file and os.path.isfile(cfg_file):
-    with open(cfg_file) as f:
-      return int(json.load(f)["d_model"])
-  return preset_text_dim  # e.g. T5-XXL's 4096 in the paper presets
-
-
 def _devices(topology: str | None) -> list | None:
   if not topology:
     return None
@@ -92,6 +78,7 @@ def check_stage(
 
   from imagen_jax import sharding
   from imagen_jax.models.unet_config import UNetConfig
+  from imagen_jax.tools.flops import text_encoder_config
   from imagen_jax.train import config as config_lib
   from imagen_jax.train import model as model_lib
   from imagen_jax.train import optim
@@ -105,7 +92,10 @@ def check_stage(
   if remat:
     stage.model.remat = remat
   rules = config_lib.logical_rules(config)
-  text_dim = _text_dim(config, UNetConfig.from_preset(stage.model.preset).text_dim)
+  # The text encoder's width when it can be told offline (demo, local checkpoint, known hub
+  # name), else the preset's (T5-XXL's 4096 in the paper presets).
+  t5 = text_encoder_config(config.text.encoder)
+  text_dim = t5.d_model if t5 else UNetConfig.from_preset(stage.model.preset).text_dim
   model = model_lib.StageModel.create(stage, text_dim=text_dim, seed=config.seed)
   tx, lr_schedule = optim.make_optimizer(stage.optimizer, stage.total_steps)
   shardings = step_lib.state_shardings(model, tx, mesh, rules)
