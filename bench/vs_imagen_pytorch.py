@@ -13,7 +13,9 @@ Timed, alternating ours / theirs for ``--rounds`` rounds, warmup and compile exc
 
 1. one training step of the base U-Net (forward, loss with min-SNR-5 weighting, backward,
    global-norm clipping at 1, Adam, EMA update) at batch ``--train_batch``;
-2. a two-stage sampling run with classifier-free guidance at ``--sample_steps`` ancestral steps
+2. the same for the SR U-Net (with noise-conditioning augmentation of the low-res input). This pair
+   is close in FLOPs as well as in parameters, so its ratio is the implementations' speed;
+3. a two-stage sampling run with classifier-free guidance at ``--sample_steps`` ancestral steps
    per stage (imagen-pytorch's only discrete-step sampler; ours with ``sampler=ancestral``),
    dynamic thresholding at the 95th percentile in both, aug level 0.2 for the SR input.
 
@@ -108,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     default=1,
     help="CPU threads for BOTH sides (torch.set_num_threads / XLA intra-op); 0 = library defaults",
   )
-  p.add_argument("--skip", default="", help="comma list of parts to skip: train,sample")
+  p.add_argument("--skip", default="", help="comma list of parts to skip: train,train_sr,sample")
   p.add_argument("--no_record", action="store_true")
   return p.parse_args(argv)
 
@@ -253,18 +255,20 @@ def _threads(args) -> dict:
   return {"threads": args.threads} if args.threads > 0 else {}
 
 
-def bench_train(args, base) -> dict:
+def bench_train(args, stage, unet_number: int) -> dict:
+  """Times one U-Net's train step on both sides; ``unet_number`` 1 = base, 2 = SR."""
   from bench.train_step import build_train_step, run_steps
   from imagen_jax.tools import flops
 
   model, compiled, state, batch, compile_s = build_train_step(
-    base, args.train_batch, TEXT_LENGTH, TEXT_DIM
+    stage, args.train_batch, TEXT_LENGTH, TEXT_DIM
   )
   state, _ = run_steps(compiled, state, batch, 2)  # warmup
   spec = {
     "task": "train",
-    "unets": [PEER_BASE],
-    "image_sizes": [BASE_SIZE],
+    "unets": [PEER_BASE, PEER_SR][:unet_number],
+    "unet_number": unet_number,
+    "image_sizes": [BASE_SIZE, SR_SIZE][:unet_number],
     "batch": args.train_batch,
     "text_length": TEXT_LENGTH,
     "text_dim": TEXT_DIM,
@@ -272,6 +276,7 @@ def bench_train(args, base) -> dict:
     "warmup": 2,
     **_threads(args),
   }
+  name = ("base", "sr")[unet_number - 1]
   ours, theirs, peer = [], [], None
   for r in range(args.rounds):
     state, times = run_steps(compiled, state, batch, args.train_steps)
@@ -279,12 +284,15 @@ def bench_train(args, base) -> dict:
     peer = run_peer(spec)
     theirs += peer["step_times"]
     print(
-      f"  train round {r + 1}: ours {statistics.median(times) * 1e3:7.1f} ms/step, "
+      f"  {name} train round {r + 1}: ours {statistics.median(times) * 1e3:7.1f} ms/step, "
       f"imagen-pytorch {peer['step_s_median'] * 1e3:7.1f} ms/step"
     )
   our_fwd = flops.unet_flops(model.config, args.train_batch, text_length=TEXT_LENGTH)
   o, t = statistics.median(ours), statistics.median(theirs)
+  # Model FLOP rate: 3 × forward FLOPs (forward + backward) per step.
+  ours_rate, theirs_rate = 3 * our_fwd / o, 3 * peer["fwd_flops"] / t
   return {
+    "unet": name,
     "batch": args.train_batch,
     "ours_step_s": round(o, 5),
     "theirs_step_s": round(t, 5),
@@ -295,6 +303,9 @@ def bench_train(args, base) -> dict:
     "speedup": round(t / o, 3),
     "ours_fwd_gflops": round(our_fwd / 1e9, 3),
     "theirs_fwd_gflops": round(peer["fwd_flops"] / 1e9, 3),
+    "ours_model_gflops_per_s": round(ours_rate / 1e9, 1),
+    "theirs_model_gflops_per_s": round(theirs_rate / 1e9, 1),
+    "speedup_per_flop": round(ours_rate / theirs_rate, 3),
     "ours_all_step_s": [round(x, 5) for x in ours],
     "theirs_all_step_s": [round(x, 5) for x in theirs],
   }
@@ -346,17 +357,24 @@ def bench_sample(args, base, sr) -> dict:
 
 
 def limit_threads(threads: int) -> None:
-  """Gives both sides the same CPU thread budget (call before jax is imported).
+  """Gives both sides the same CPU budget: ``threads`` cores (call before jax is imported).
 
-  On a small machine shared with other jobs, torch's OpenMP pool with as many threads as cores
-  slows down by several times whenever another process takes a core (its threads spin at
-  barriers), so the default is one thread each: the comparison then measures the libraries, not
-  the scheduler. ``--threads 0`` keeps each library's default (all cores).
+  The process is pinned to the first ``threads`` CPUs (``os.sched_setaffinity``; the peer
+  subprocess inherits the mask) and each library is told to use that many threads. The affinity is
+  what makes the budget real: XLA's CPU client ignores ``intra_op_parallelism_threads`` for its
+  dot thunks and still runs them on every core. On a small machine shared with other jobs, torch's
+  OpenMP pool with as many threads as cores also slows down by several times whenever another
+  process takes a core (its threads spin at barriers). ``--threads 0`` keeps each library's
+  default (all cores, no pinning).
   """
   if threads <= 0:
     return
   if "jax" in sys.modules:
     raise RuntimeError("limit_threads must run before jax is imported")
+  cpus = sorted(os.sched_getaffinity(0))
+  if threads > len(cpus):
+    raise SystemExit(f"--threads {threads} but only {len(cpus)} CPUs are available")
+  os.sched_setaffinity(0, cpus[:threads])
   flags = os.environ.get("XLA_FLAGS", "")
   if threads == 1:
     flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -388,20 +406,38 @@ def main(argv=None) -> dict:
     "loadavg_1min": [_load()],
   }
   if "train" not in skip:
-    result["train"] = tr = bench_train(args, base)
+    result["train"] = bench_train(args, base, 1)
+    result["loadavg_1min"].append(_load())
+  if "train_sr" not in skip:
+    result["train_sr"] = bench_train(args, sr, 2)
     result["loadavg_1min"].append(_load())
   if "sample" not in skip:
     result["sample"] = sa = bench_sample(args, base, sr)
     result["loadavg_1min"].append(_load())
+    # Model FLOP rate of sampling: images × 2 (CFG) × steps × (base + SR forward FLOPs per image).
+    work = sa["batch"] * 2 * sa["steps_per_stage"]
+    per_image = {k: sum(result["params"][f"{k}_fwd_gflops_per_image"]) for k in ("ours", "theirs")}
+    flop = {k: work * v for k, v in per_image.items()}
+    sa["ours_model_gflops_per_s"] = round(flop["ours"] / sa["ours_run_s"], 1)
+    sa["theirs_model_gflops_per_s"] = round(flop["theirs"] / sa["theirs_run_s"], 1)
+    sa["speedup_per_flop"] = round(sa["speedup"] * flop["theirs"] / flop["ours"], 3)
   print(f"\n{'':34s} {'imagen-jax':>12s} {'imagen-pytorch':>15s} {'ratio':>7s}")
-  if "train" in result:
+  for key in ("train", "train_sr"):
+    if key not in result:
+      continue
+    tr = result[key]
+    label = f"{tr['unet']} train step (ms), batch {tr['batch']}"
     print(
-      f"{'base train step (ms), batch ' + str(tr['batch']):34s} {tr['ours_step_s'] * 1e3:12.1f} "
-      f"{tr['theirs_step_s'] * 1e3:15.1f} {tr['speedup']:6.2f}x"
+      f"{label:34s} {tr['ours_step_s'] * 1e3:12.1f} {tr['theirs_step_s'] * 1e3:15.1f} "
+      f"{tr['speedup']:6.2f}x"
     )
     print(
       f"{'  forward GFLOPs per step':34s} {tr['ours_fwd_gflops']:12.2f} "
       f"{tr['theirs_fwd_gflops']:15.2f}"
+    )
+    print(
+      f"{'  model GFLOP/s (3 x fwd / step)':34s} {tr['ours_model_gflops_per_s']:12.1f} "
+      f"{tr['theirs_model_gflops_per_s']:15.1f} {tr['speedup_per_flop']:6.2f}x"
     )
     print(
       f"{'  compile / first step (s)':34s} {tr['ours_compile_s']:12.2f} "
@@ -410,6 +446,10 @@ def main(argv=None) -> dict:
   if "sample" in result:
     label = f"2-stage sample (s), {sa['batch']} imgs"
     print(f"{label:34s} {sa['ours_run_s']:12.2f} {sa['theirs_run_s']:15.2f} {sa['speedup']:6.2f}x")
+    print(
+      f"{'  model GFLOP/s':34s} {sa['ours_model_gflops_per_s']:12.1f} "
+      f"{sa['theirs_model_gflops_per_s']:15.1f} {sa['speedup_per_flop']:6.2f}x"
+    )
     print(
       f"{'  compile / first run (s)':34s} {sa['ours_compile_s']:12.2f} "
       f"{sa['theirs_first_run_s']:15.2f}"

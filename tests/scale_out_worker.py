@@ -56,6 +56,22 @@ def summarize(out: str, name: str) -> None:
   np.savez(os.path.join(out, f"{name}.npz"), losses=np.asarray(losses), **flat)
 
 
+def save_init(out: str) -> None:
+  """Writes ``OUT/init.npz``: the params the trainer starts from (same seed and code path)."""
+  import jax
+
+  from imagen_jax.train import model as model_lib
+
+  config = tiny_config()
+  model = model_lib.StageModel.create(config.stages.base, text_dim=64, seed=config.seed)
+  params = jax.jit(model.init_params)()
+  flat = {
+    jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
+    for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+  np.savez(os.path.join(out, "init.npz"), losses=np.zeros(0), **flat)
+
+
 def restore_onto(out: str, source: str) -> dict:
   """Restores ``source``'s checkpoint onto other meshes; reports equality and shard sizes."""
   import jax
@@ -128,6 +144,7 @@ def main() -> None:
   for name, mesh in meshes.items():
     run(out, name, mesh)
     summarize(out, name)
+  save_init(out)
   with open(os.path.join(out, "restore.json"), "w") as f:
     json.dump(restore_onto(out, "data2_fsdp2_tensor2"), f)
   # compile_check on the same mesh compiles the same program (a compilation-cache hit).

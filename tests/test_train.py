@@ -176,3 +176,18 @@ def test_bad_config_fails_fast_naming_the_field(tmp_path):
   config.stages.base.model.preset = "tiny_sr"
   with pytest.raises(ValueError, match="lowres_cond"):
     train_and_evaluate(config, str(tmp_path))
+
+
+def test_per_t_losses_are_pooled_over_the_logging_window():
+  """A quarter of t that one step missed still gets the window's loss; one no step hit is NaN."""
+  from imagen_jax.train.trainer import pooled_metrics
+
+  host = [
+    {"loss": 1.0, "loss_t_sum": np.array([2.0, 0, 0, 3]), "loss_t_count": np.array([2.0, 0, 0, 1])},
+    {"loss": 3.0, "loss_t_sum": np.array([0.0, 6, 0, 1]), "loss_t_count": np.array([0.0, 2, 0, 1])},
+  ]
+  out = pooled_metrics(host)
+  assert out["loss"] == 2.0
+  assert out["loss_t0"] == 1.0 and out["loss_t1"] == 3.0 and out["loss_t3"] == 2.0
+  assert np.isnan(out["loss_t2"])
+  assert not any(k.startswith("loss_t_") for k in out)

@@ -275,3 +275,31 @@ def test_full_presets_trace_from_shapes(preset, size, lowres_size):
   deepest = size // cfg.total_downsampling
   assert maps and all(m.shape[-1] == 128 for m in maps.values())
   assert min(m.shape[1] for m in maps.values()) == deepest
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 6, 5, 32), (3, 7, 32)])
+def test_group_norm_matches_flax(shape, dtype):
+  """The U-Nets' GroupNorm equals ``nnx.GroupNorm`` (output and gradients), same parameters."""
+  from imagen_jax.models.layers import group_norm
+
+  rng = np.random.default_rng(0)
+  ours = group_norm(32, 8, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+  ref = nnx.GroupNorm(32, num_groups=8, epsilon=1e-5, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  assert isinstance(ours, nnx.GroupNorm)
+  scale, bias = rng.uniform(0.5, 1.5, 32), rng.standard_normal(32)
+  for m in (ours, ref):
+    m.scale[...] = jnp.asarray(scale, jnp.float32)
+    m.bias[...] = jnp.asarray(bias, jnp.float32)
+  x = jnp.asarray(rng.standard_normal(shape) * 3 + 2, dtype)  # non-zero mean per group
+
+  def loss(m, x):
+    return jnp.sum(jnp.sin(m(x)))
+
+  np.testing.assert_allclose(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+  (g_ours, gx_ours), (g_ref, gx_ref) = (
+    nnx.grad(loss, argnums=(0, 1))(m, x.astype(jnp.float32)) for m in (ours, ref)
+  )
+  np.testing.assert_allclose(gx_ours, gx_ref, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -122,6 +122,51 @@ def check_threshold(mode: str, percentile: float) -> None:
     raise ValueError(f"percentile must be a number in (0, 100], got {percentile!r}")
 
 
+def _kth_smallest_bits(bits: Array, k: int) -> Array:
+  """Per row, the k-th smallest (0-based) of ``bits`` [B, D]: int32 patterns of floats ≥ 0.
+
+  Non-negative IEEE floats order like their bit patterns, so bisection on the pattern finds the
+  exact order statistic in 31 counting passes over the row; a sort of the row costs ~30× more on
+  CPU at 64² and grows faster with the image size.
+  """
+  lo = jnp.zeros(bits.shape[:1], jnp.int32)  # [B]
+  hi = jnp.max(bits, axis=1)  # [B]; invariant: the answer lies in [lo, hi]
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(bits <= mid[:, None], axis=1, dtype=jnp.int32) >= k + 1
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  return jax.lax.fori_loop(0, 31, halve, (lo, hi))[1]
+
+
+def abs_percentile(x: Array, percentile: float) -> Array:
+  """``jnp.percentile(|x|, p, axis=1)`` (linear interpolation) for ``x`` [B, D], without a sort.
+
+  Exact: the two order statistics around rank (D − 1)·p/100 are found by bisection
+  (``_kth_smallest_bits``) and interpolated as numpy does. Rows holding NaN give NaN.
+  """
+  a = jnp.abs(x.astype(jnp.float32))  # [B, D]
+  d = a.shape[1]
+  rank = (d - 1) * float(percentile) / 100.0
+  k = min(int(np.floor(rank)), d - 1)
+  frac = rank - k
+  bits = jax.lax.bitcast_convert_type(a, jnp.int32)  # [B, D]
+  lower = _kth_smallest_bits(bits, k)  # [B]
+  if k + 1 < d and frac > 0:
+    # The (k+1)-th smallest: ``lower`` again when it is repeated, else the next larger value.
+    count = jnp.sum(bits <= lower[:, None], axis=1, dtype=jnp.int32)
+    larger = jnp.where(bits > lower[:, None], bits, jnp.iinfo(jnp.int32).max)
+    upper = jnp.where(count >= k + 2, lower, jnp.min(larger, axis=1))
+  else:
+    upper = lower
+  v0 = jax.lax.bitcast_convert_type(lower, jnp.float32)
+  v1 = jax.lax.bitcast_convert_type(upper, jnp.float32)
+  out = v0 + (v1 - v0) * frac  # [B]
+  return jnp.where(jnp.isnan(a).any(axis=1), jnp.nan, out)
+
+
 def dynamic_threshold(x0: Array, percentile: float = 99.5) -> Array:
   """Dynamic thresholding (Imagen §2.3): per sample, s = percentile_p(|x̂0|), s = max(s, 1);
   x̂0 ← clip(x̂0, −s, s) / s.
@@ -133,8 +178,7 @@ def dynamic_threshold(x0: Array, percentile: float = 99.5) -> Array:
     x0: predicted data, ``[B, ...]``.
     percentile: p ∈ (0, 100]; the paper uses 99.5.
   """
-  flat = jnp.abs(x0.reshape(x0.shape[0], -1)).astype(jnp.float32)  # [B, D]
-  s = jnp.percentile(flat, percentile, axis=1)  # [B]
+  s = abs_percentile(x0.reshape(x0.shape[0], -1), percentile)  # [B]
   s = jnp.maximum(s, 1.0).reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
   return jnp.clip(x0, -s, s) / s
 

@@ -203,9 +203,10 @@ def make_train_step(
       "skipped_steps": new_state["skipped"],
       "nonfinite_run": new_state["nonfinite_run"],
     }
-    for k in range(NUM_T_BUCKETS):
-      # NaN (→ null in metrics.jsonl) when no example fell in the bucket this step.
-      metrics[f"loss_t{k}"] = aux["bucket_sum"][k] / aux["bucket_count"][k]
+    # Per-t-bucket loss as sums and counts: the trainer pools them over its logging window, so a
+    # bucket that no example of one step fell in does not turn the window's mean into NaN.
+    metrics["loss_t_sum"] = aux["bucket_sum"]  # [NUM_T_BUCKETS]
+    metrics["loss_t_count"] = aux["bucket_count"]  # [NUM_T_BUCKETS]
     return new_state, metrics
 
   return train_step

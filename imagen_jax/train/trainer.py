@@ -43,6 +43,20 @@ class NonFiniteError(RuntimeError):
   """Too many consecutive non-finite updates: training stopped, last good checkpoint kept."""
 
 
+def pooled_metrics(host: list[dict]) -> dict[str, float]:
+  """One logging window's metrics: means over its steps; per-t-bucket losses pooled.
+
+  ``loss_t{k}`` is the window's summed bucket loss over its example count: NaN (``null`` in
+  metrics.jsonl) only when no example of the whole window fell in that quarter of t.
+  """
+  sums = np.sum([h["loss_t_sum"] for h in host], axis=0)  # [K]
+  counts = np.sum([h["loss_t_count"] for h in host], axis=0)  # [K]
+  out = {k: float(np.mean([h[k] for h in host])) for k in host[-1] if not k.startswith("loss_t_")}
+  for k, (s, c) in enumerate(zip(sums, counts)):
+    out[f"loss_t{k}"] = float(s / c) if c > 0 else float("nan")
+  return out
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None
 ) -> dict[str, dict]:
@@ -175,7 +189,7 @@ def train_stage(
       if step % stage.log_every == 0 or step == stage.total_steps:
         host = jax.device_get(pending)
         pending = []
-        last_metrics = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
+        last_metrics = pooled_metrics(host)
         last_metrics["skipped_steps"] = float(host[-1]["skipped_steps"])
         if host[-1]["nonfinite_run"] >= stage.max_consecutive_nonfinite:
           raise NonFiniteError(

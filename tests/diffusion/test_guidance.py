@@ -118,6 +118,36 @@ def test_dynamic_brings_out_of_range_samples_into_range(seed, spread, percentile
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+  st.integers(0, 2**31),
+  st.integers(1, 300),
+  st.floats(0.01, 100.0),
+  st.sampled_from(["normal", "ties", "zeros"]),
+)
+def test_abs_percentile_equals_numpy(seed, d, percentile, kind):
+  """The sort-free percentile is numpy's linear-interpolation percentile of |x|, ties included."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((3, d)) * 10.0 ** rng.uniform(-3, 3)
+  if kind == "ties":
+    x = np.round(x * 2) / 2  # few distinct values, many repeats
+  elif kind == "zeros":
+    x[:, : d // 2] = 0.0
+  x = x.astype(np.float32)
+  got = np.asarray(guidance.abs_percentile(jnp.asarray(x), percentile))
+  np.testing.assert_allclose(got, np.percentile(np.abs(x), percentile, axis=1), rtol=2e-6)
+
+
+def test_abs_percentile_nan_rows_and_bf16():
+  x = np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32)
+  x[1, 7] = np.nan
+  got = np.asarray(guidance.abs_percentile(jnp.asarray(x), 99.5))
+  assert np.isnan(got[1]) and np.isfinite(got[[0, 2]]).all()
+  xb = jnp.asarray(x[[0, 2]], jnp.bfloat16)
+  want = np.percentile(np.abs(np.asarray(xb, np.float32)), 99.5, axis=1)
+  np.testing.assert_allclose(np.asarray(guidance.abs_percentile(xb, 99.5)), want, rtol=1e-6)
+
+
 def test_static_and_none():
   x0 = jnp.array([[-3.0, -0.5, 0.2, 1.7]])
   want = np.array([[-1.0, -0.5, 0.2, 1.0]], np.float32)
