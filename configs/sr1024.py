@@ -19,12 +19,18 @@ from imagen_jax.train.config import paper_config, stage_config, tiny_overrides
 
 
 def get_config(arg: str | None = None):
-  """``arg``: "" for the paper preset, "tiny" for the CPU-sized 16²→64² preset (32² crops)."""
+  """``arg``: "" for the paper preset, "tiny" for the CPU-sized 128²→512² preset (128² crops).
+
+  As in the paper (§2.5), the stage trains on crops (a quarter of the side) and samples at the full
+  size; ``base64:tiny`` → ``sr256:tiny`` → ``sr1024:tiny`` chain 32² → 128² → 512².
+  """
   if arg not in (None, "", "tiny"):
     raise ValueError(f"configs/sr1024.py: unknown arg {arg!r}; use nothing or 'tiny'")
   tiny = arg == "tiny"
   if tiny:
-    stage = stage_config("sr1024", "tiny_sr1024", image_size=64, lowres_size=16, crop_size=32)
+    stage = stage_config("sr1024", "tiny_sr1024", image_size=512, lowres_size=128, crop_size=128)
+    # tiny_sr1024 is built for 64²; at 512² its text attention stays on the deepest level (64²).
+    stage.model.update(image_size=512, lowres_size=128, cross_attn_resolutions=(64,))
   else:
     stage = stage_config("sr1024", "sr1024", image_size=1024, lowres_size=256, crop_size=256)
     stage.compute_dtype = "bfloat16"

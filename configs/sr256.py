@@ -19,12 +19,20 @@ from imagen_jax.train.config import paper_config, stage_config, tiny_overrides
 
 
 def get_config(arg: str | None = None):
-  """``arg``: "" for the paper preset, "tiny" for the CPU-sized 16²→64² preset on shapes."""
+  """``arg``: "" for the paper preset, "tiny" for the CPU-sized 32²→128² preset on shapes.
+
+  The tiny presets chain like the paper's: ``base64:tiny`` makes 32², ``sr256:tiny`` takes it to
+  128², ``sr1024:tiny`` to 512², so ``sample.py --workdir=a,b,c`` samples the three runs.
+  """
   if arg not in (None, "", "tiny"):
     raise ValueError(f"configs/sr256.py: unknown arg {arg!r}; use nothing or 'tiny'")
   tiny = arg == "tiny"
   if tiny:
-    stage = stage_config("sr256", "tiny_sr", image_size=64, lowres_size=16)
+    stage = stage_config("sr256", "tiny_sr", image_size=128, lowres_size=32)
+    # tiny_sr is built for 64²; at 128² its attention stays on the deepest level (16²).
+    stage.model.update(
+      image_size=128, lowres_size=32, attn_resolutions=(16,), cross_attn_resolutions=(16,)
+    )
   else:
     stage = stage_config("sr256", "sr256", image_size=256, lowres_size=64)
     stage.compute_dtype = "bfloat16"

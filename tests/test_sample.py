@@ -164,6 +164,13 @@ def test_bad_input_fails_before_compiling(cascade, workdir):
     Cascade.from_workdir(str(workdir / "nope"))
 
 
+def test_settings_for_an_unknown_stage_fail_fast(cascade, workdir):
+  with pytest.raises(ValueError, match=r"settings for unknown stages \['bse'\]"):
+    cascade(PROMPTS, settings={"bse": {"steps": 2}}, progress=False)
+  with pytest.raises(ValueError, match="settings for unknown stage 'bse'"):
+    Cascade.from_workdir(str(workdir), settings={"bse": {"steps": 2}})
+
+
 def test_cascade_from_several_workdirs_equals_one_workdir(cascade, split_runs):
   base_run, sr_run = split_runs
   multi = Cascade.from_workdir([str(base_run), sr_run], max_batch=4)

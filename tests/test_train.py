@@ -56,15 +56,39 @@ def test_two_stage_demo_writes_checkpoints_metrics_events_and_grids(tmp_path):
   assert json.loads((tmp_path / "config.json").read_text())["stage_order"] == ["base", "sr"]
 
 
-@pytest.mark.parametrize("name", ["base64", "sr256", "sr1024"])
-def test_two_steps_of_each_paper_stage_config_tiny(tmp_path, name):
-  config = load_config(name, "tiny")
-  stage = config.stages[config.stage_order[0]]
-  stage.total_steps, stage.batch_size, stage.log_every = 2, 2, 1
-  stage.eval_every, stage.final_eval = 0, False
-  out = train_and_evaluate(config, str(tmp_path))
-  (summary,) = out.values()
-  assert summary["step"] == 2 and np.isfinite(summary["metrics"]["loss"])
+@pytest.fixture(scope="module")
+def paper_tiny_runs(tmp_path_factory):
+  """Two training steps of each paper stage's ``:tiny`` config, each run in its own workdir."""
+  runs = {}
+  for name in ("base64", "sr256", "sr1024"):
+    config = load_config(name, "tiny")
+    stage = config.stages[config.stage_order[0]]
+    stage.total_steps, stage.batch_size, stage.log_every = 2, 2, 1
+    stage.eval_every, stage.final_eval = 0, False
+    path = tmp_path_factory.mktemp(name)
+    runs[name] = (path, train_and_evaluate(config, str(path)))
+  return runs
+
+
+def test_two_steps_of_each_paper_stage_config_tiny(paper_tiny_runs):
+  for _, out in paper_tiny_runs.values():
+    (summary,) = out.values()
+    assert summary["step"] == 2 and np.isfinite(summary["metrics"]["loss"])
+
+
+def test_paper_tiny_runs_sample_as_one_cascade(paper_tiny_runs):
+  """base64:tiny → sr256:tiny → sr1024:tiny chain 32² → 128² → 512², as the paper's 64 → 1024."""
+  from imagen_jax.sample.cascade import Cascade
+
+  cascade = Cascade.from_workdir([str(path) for path, _ in paper_tiny_runs.values()], max_batch=1)
+  steps = {name: {"steps": 2} for name in ("base", "sr256", "sr1024")}
+  out = cascade(["a small red circle"], seed=0, settings=steps, progress=False)
+  assert {k: v.shape for k, v in out.items()} == {
+    "base": (1, 32, 32, 3),
+    "sr256": (1, 128, 128, 3),
+    "sr1024": (1, 512, 512, 3),
+  }
+  assert all(np.isfinite(v).all() for v in out.values())
 
 
 @pytest.fixture(scope="module")

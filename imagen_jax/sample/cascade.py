@@ -263,6 +263,11 @@ class Cascade:
       raise ValueError("prompts is empty")
     if negative_prompts is not None and len(negative_prompts) != n:
       raise ValueError(f"negative_prompts has {len(negative_prompts)} entries for {n} prompts")
+    unknown = sorted(set(settings or {}) - {s.name for s in self.stages})
+    if unknown:
+      raise ValueError(
+        f"settings for unknown stages {unknown}; stages: {[s.name for s in self.stages]}"
+      )
     stages, lowres, img2img = self._plan(n, start_stage, init_image, strength)
     per_stage = {s.name: self._settings(s, (settings or {}).get(s.name)) for s in stages}
     emb, mask = self.text.encode_prompts(prompts)
