@@ -36,12 +36,21 @@ def run(out: str, name: str, mesh) -> None:
   train_and_evaluate(tiny_config(), os.path.join(out, name), mesh=mesh)
 
 
+def _flat(params) -> dict[str, np.ndarray]:
+  """``{"path/to/leaf": array}`` of a params tree, for ``np.savez``."""
+  import jax
+
+  return {
+    jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
+    for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+
+
 def summarize(out: str, name: str) -> None:
   """Writes ``OUT/<name>.npz``: the logged losses and the final params from the checkpoint.
 
   Single-process only (Orbax restores are collective): the two-process test calls it itself.
   """
-  import jax
 
   from imagen_jax.tools.inspect_checkpoint import load_state
 
@@ -49,11 +58,7 @@ def summarize(out: str, name: str) -> None:
   with open(os.path.join(workdir, "base", "metrics.jsonl")) as f:
     losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
   state = load_state(os.path.join(workdir, "base", "checkpoints", str(STEPS)))
-  flat = {
-    jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
-    for p, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]
-  }
-  np.savez(os.path.join(out, f"{name}.npz"), losses=np.asarray(losses), **flat)
+  np.savez(os.path.join(out, f"{name}.npz"), losses=np.asarray(losses), **_flat(state["params"]))
 
 
 def save_init(out: str) -> None:
@@ -65,11 +70,7 @@ def save_init(out: str) -> None:
   config = tiny_config()
   model = model_lib.StageModel.create(config.stages.base, text_dim=64, seed=config.seed)
   params = jax.jit(model.init_params)()
-  flat = {
-    jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
-    for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
-  np.savez(os.path.join(out, "init.npz"), losses=np.zeros(0), **flat)
+  np.savez(os.path.join(out, "init.npz"), losses=np.zeros(0), **_flat(params))
 
 
 def restore_onto(out: str, source: str) -> dict:

@@ -303,3 +303,15 @@ def test_group_norm_matches_flax(shape, dtype):
   np.testing.assert_allclose(gx_ours, gx_ref, rtol=1e-4, atol=1e-5)
   for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_with_a_mask_uses_masked_statistics():
+  """A mask restricts the statistics to its positions, exactly as ``nnx.GroupNorm`` does."""
+  from imagen_jax.models.layers import group_norm
+
+  ours = group_norm(32, 8, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+  ref = nnx.GroupNorm(32, num_groups=8, epsilon=1e-5, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 4, 32)) * 2 + 1, jnp.float32)
+  mask = jnp.ones(x.shape, bool).at[:, 0].set(False)
+  np.testing.assert_allclose(ours(x, mask=mask), ref(x, mask=mask), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(ours(x, mask=mask), ours(x), atol=1e-3)  # the mask changes the stats

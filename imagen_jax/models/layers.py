@@ -94,8 +94,8 @@ class GroupNorm(nnx.GroupNorm):
   """
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    if mask is not None:
-      raise NotImplementedError("GroupNorm: masked statistics are not supported")
+    if mask is not None:  # masked statistics (unused by the U-Nets): Flax's own computation
+      return super().__call__(x, mask=mask)
     x = x.astype(jnp.float32)  # [B, ..., C]
     b, c, g = x.shape[0], x.shape[-1], self.num_groups
     flat = x.reshape(b, -1, c)  # [B, N, C]
