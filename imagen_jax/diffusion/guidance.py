@@ -118,6 +118,11 @@ def check_threshold(mode: str, percentile: float) -> None:
   """Raises ``ValueError`` for an unknown ``mode`` or a ``percentile`` outside (0, 100]."""
   if mode not in THRESHOLD_MODES:
     raise ValueError(f"thresholding mode must be one of {THRESHOLD_MODES}, got {mode!r}")
+  _check_percentile(percentile)
+
+
+def _check_percentile(percentile: float) -> None:
+  # Static: the percentile picks the order statistics, so it cannot be a traced value.
   if not _is_concrete(percentile) or not 0.0 < float(percentile) <= 100.0:
     raise ValueError(f"percentile must be a number in (0, 100], got {percentile!r}")
 
@@ -147,6 +152,7 @@ def abs_percentile(x: Array, percentile: float) -> Array:
   Exact: the two order statistics around rank (D − 1)·p/100 are found by bisection
   (``_kth_smallest_bits``) and interpolated as numpy does. Rows holding NaN give NaN.
   """
+  _check_percentile(percentile)
   a = jnp.abs(x.astype(jnp.float32))  # [B, D]
   d = a.shape[1]
   rank = (d - 1) * float(percentile) / 100.0

@@ -172,6 +172,8 @@ def test_threshold_jits():
 def test_bad_percentile(percentile):
   with pytest.raises(ValueError, match="percentile"):
     guidance.threshold(jnp.ones((1, 2)), "dynamic", percentile)
+  with pytest.raises(ValueError, match="percentile"):
+    guidance.abs_percentile(jnp.ones((1, 2)), percentile)
 
 
 def test_bad_mode():
