@@ -16,15 +16,25 @@ def machine_info() -> dict:
   import jax
 
   cpu = platform.processor() or "unknown"
+  flags: list[str] = []
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
+      lines = f.readlines()
+    fields = {}
+    for line in lines:
+      key, _, value = line.partition(":")
+      fields.setdefault(key.strip(), value.strip())  # the first CPU's entry
+    cpu = fields.get("model name", cpu)
+    flags = fields.get("flags", "").split()
+  except OSError:
     pass
   return {
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "cpu": cpu,
     "cores": os.cpu_count(),
+    # The same "AMD EPYC" name covers hosts with and without AVX-512, which XLA:CPU's kernels
+    # (and so every CPU number) depend on: record the vector extensions the host really has.
+    "cpu_flags": sorted(f for f in flags if f.startswith(("avx512", "avx2", "fma"))),
     "device_kind": jax.devices()[0].device_kind,
     "device_count": jax.device_count(),
     "jax": jax.__version__,

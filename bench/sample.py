@@ -52,10 +52,10 @@ def stages_from_configs(specs: list[str], dtype: str, settings: dict):
   """CascadeStages with random weights from config files (one stage each, chained in order)."""
   import jax
 
+  from imagen_jax.config import load_config
   from imagen_jax.sample.cascade import CascadeStage
-  from imagen_jax.tools.count_params import load_config
+  from imagen_jax.stage.model import StageModel
   from imagen_jax.tools.flops import text_encoder_config
-  from imagen_jax.train.model import StageModel
 
   stages, text = [], None
   for spec in specs:
@@ -91,7 +91,7 @@ def main() -> None:
   args = parser.parse_args()
   import jax
 
-  from imagen_jax.evaluators.shapes import default_prompts
+  from imagen_jax.data.shapes import default_prompts
   from imagen_jax.sample.cascade import Cascade
 
   settings = {"steps": args.steps, "sampler": args.sampler, "guidance": args.guidance}

@@ -41,11 +41,10 @@ def main() -> None:
   parser.add_argument("--arg", default="", help="configs/shapes.py argument ('' or 'long')")
   parser.add_argument("--workdir", default=None)
   args = parser.parse_args()
-  from imagen_jax.train import config as config_lib
+  from imagen_jax import config as config_lib
   from imagen_jax.train import train_and_evaluate
-  from tests.train_utils import load_config
 
-  config = load_config("shapes", args.arg or None)
+  config = config_lib.load_config(f"shapes:{args.arg}" if args.arg else "shapes")
   workdir = args.workdir or tempfile.mkdtemp(prefix="shapes_bench_")
   out, stage_wall = {}, {}
   t0 = time.time()

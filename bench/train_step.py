@@ -91,9 +91,9 @@ def build_train_step(stage, batch_size: int, text_length: int, text_dim: int, se
   """
   import jax
 
-  from imagen_jax.train import model as model_lib
-  from imagen_jax.train import optim
-  from imagen_jax.train import step as step_lib
+  from imagen_jax.stage import model as model_lib
+  from imagen_jax.stage import optim
+  from imagen_jax.stage import step as step_lib
 
   # As imagen_jax/train/trainer.py train_stage §1, step for step.
   model = model_lib.StageModel.create(stage, text_dim=text_dim, seed=seed)
@@ -130,8 +130,8 @@ def main(argv=None) -> dict:
   import flax
   import jax
 
+  from imagen_jax.config import load_config
   from imagen_jax.tools import flops
-  from imagen_jax.tools.count_params import load_config
 
   config = load_config(args.config)
   name = args.stage or config.stage_order[0]

@@ -144,7 +144,7 @@ def run_peer(spec: dict, timeout: float = 900) -> dict:
 
 def our_stages():
   """Stage configs (the trainer's schema) for the base and SR U-Nets, with the peer's recipe."""
-  from imagen_jax.train.config import stage_config
+  from imagen_jax.config import stage_config
 
   base = stage_config("base", "tiny_base", image_size=BASE_SIZE)
   sr = stage_config("sr", "tiny_sr", image_size=SR_SIZE, lowres_size=BASE_SIZE)
@@ -158,8 +158,8 @@ def our_stages():
 
 def check_sizes(base, sr) -> dict:
   """Parameter counts of both projects' U-Nets; fails when a pair differs by more than 5%."""
+  from imagen_jax.stage.model import StageModel
   from imagen_jax.tools.flops import unet_flops
-  from imagen_jax.train.model import StageModel
 
   models = [StageModel.create(s, text_dim=TEXT_DIM) for s in (base, sr)]
   ours = [m.num_params() for m in models]
@@ -205,7 +205,7 @@ class OurSampler:
     import jax.numpy as jnp
 
     from imagen_jax.sample.stage import SamplerSettings, make_stage_sampler
-    from imagen_jax.train.model import StageModel, stage_schedule
+    from imagen_jax.stage.model import StageModel, stage_schedule
 
     self.stages = []
     t0 = time.perf_counter()

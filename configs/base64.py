@@ -15,7 +15,7 @@ Parameter count from shapes only (last line `params: N`, ≈2.18B):
 
 from __future__ import annotations
 
-from imagen_jax.train.config import paper_config, stage_config, tiny_overrides
+from imagen_jax.config import paper_config, stage_config, tiny_overrides
 
 
 def get_config(arg: str | None = None):

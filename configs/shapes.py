@@ -16,7 +16,7 @@ Args (`--config=configs/shapes.py:ARG`): "" (default demo), "long", "ci".
 
 from __future__ import annotations
 
-from imagen_jax.train.config import run_config, stage_config
+from imagen_jax.config import run_config, stage_config
 
 _SCALE = {
   # arg: (base steps, sr steps, eval_every)

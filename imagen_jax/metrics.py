@@ -13,8 +13,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image
+from tensorboardX import SummaryWriter
 
 
 def _to_float(value: Any) -> float:
@@ -32,8 +34,6 @@ class MetricWriter:
 
   def __init__(self, logdir: str, *, enabled: bool | None = None, tensorboard: bool = True):
     if enabled is None:
-      import jax
-
       enabled = jax.process_index() == 0
     self.logdir = logdir
     self.enabled = enabled
@@ -44,8 +44,6 @@ class MetricWriter:
     os.makedirs(logdir, exist_ok=True)
     self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
     if tensorboard:
-      from tensorboardX import SummaryWriter
-
       self._tb = SummaryWriter(logdir=os.path.join(logdir, "tensorboard"))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:

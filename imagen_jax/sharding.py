@@ -184,20 +184,63 @@ def make_mesh(
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
+def parse_mesh(text: str, *, flag: str = "--mesh") -> dict[str, int]:
+  """``"data=2,fsdp=4"`` → ``{"data": 2, "fsdp": 4}`` (the command-line form of ``config.mesh``).
+
+  Raises:
+    ValueError: a part is not ``name=size`` or names an unknown axis (the message names ``flag``).
+  """
+  out = {}
+  for part in filter(None, (p.strip() for p in str(text).split(","))):
+    name, _, size = part.partition("=")
+    name = name.strip()
+    if not size.strip().lstrip("-").isdigit():
+      raise ValueError(f"{flag} expects name=size pairs like data=2,fsdp=4; got {part!r}")
+    if name not in MESH_AXES:
+      raise ValueError(f"{flag}: unknown axis {name!r}; the axes are {list(MESH_AXES)}")
+    out[name] = int(size)
+  return out
+
+
 def fitted_spec(
   names: LogicalAxes, shape: Sequence[int], mesh: Mesh, rules: Rules
 ) -> PartitionSpec:
   """:func:`logical_to_mesh_spec`, keeping only mesh axes that divide the dimension evenly."""
   spec = logical_to_mesh_spec(names, rules)
   out = []
-  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+  for i, (dim, entry) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
     axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
     kept: list[str] = []
     for a in axes:
       if dim % (mesh.shape[a] * math.prod(mesh.shape[k] for k in kept)) == 0:
         kept.append(a)
+      elif mesh.shape[a] > 1:
+        _log_replicated(names, tuple(shape), i, a, mesh.shape[a])
     out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
   return PartitionSpec(*out)
+
+
+_REPLICATED_LOGGED: set[tuple] = set()
+
+
+def _log_replicated(names: LogicalAxes, shape: tuple, dim: int, axis: str, size: int) -> None:
+  """Says once per (logical names, shape, axis) why a dimension is not split as the rules ask."""
+  key = (tuple(names), shape, dim, axis, size)
+  if key in _REPLICATED_LOGGED:
+    return
+  _REPLICATED_LOGGED.add(key)
+  log.info(
+    "sharding: dimension %d (%s, size %d) of a %s array %s does not divide by mesh axis %r "
+    "(size %d); it stays replicated along %r, so each device holds more of it than planned",
+    dim,
+    names[dim] if dim < len(names) else None,
+    shape[dim],
+    "x".join(map(str, shape)) or "scalar",
+    tuple(names),
+    axis,
+    size,
+    axis,
+  )
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules) -> Any:

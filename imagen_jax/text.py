@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from transformers import AutoTokenizer
 
 from imagen_jax.models.t5 import T5Config, T5EncoderModule
 from imagen_jax.models.t5_loading import (
@@ -92,8 +93,6 @@ class Tokenizer:
     Note: in transformers 5, ``T5Tokenizer(vocab_file=...)`` silently ignores the file; always go
     through ``from_pretrained(directory)``.
     """
-    from transformers import AutoTokenizer
-
     local = resolve_checkpoint_dir(
       path_or_hub_id, subfolder=subfolder, revision=revision, tokenizer_only=True
     )
@@ -133,6 +132,12 @@ class Tokenizer:
         stacklevel=2,
       )
     return ids, mask
+
+
+def _as_input(x: Any, dtype: Any) -> Any:
+  if isinstance(x, jax.Array):
+    return x if x.dtype == dtype else x.astype(dtype)
+  return np.asarray(x, dtype)
 
 
 def _apply(graphdef, state, input_ids, attention_mask):
@@ -233,20 +238,24 @@ class T5Encoder:
     """Pure ``(graphdef, state, ids, mask) -> hidden [B, L, D]`` for use inside ``jax.jit``."""
     return _apply(graphdef, state, input_ids, attention_mask)
 
-  def encode(self, input_ids: Any, attention_mask: Any) -> jax.Array:
+  def encode(self, input_ids: Any, attention_mask: Any, *, zero_padding: bool = False) -> jax.Array:
     """Hidden states ``[B, L, D]`` equal to ``T5EncoderModel(...).last_hidden_state``.
 
     Args:
-      input_ids: int ``[B, L]`` token ids.
+      input_ids: int ``[B, L]`` token ids (host or device arrays, sharded ones included).
       attention_mask: ``[B, L]``, 1/True for real tokens (padding is never attended to).
+      zero_padding: zero the hidden states of padded positions (what the U-Nets are trained
+        on, and what the embedding cache restores).
     """
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    attention_mask = jnp.asarray(attention_mask, bool)
+    # Host inputs stay numpy (in a multi-process run every process passes the same values);
+    # device arrays, sharded global ones included, are passed through.
+    input_ids, attention_mask = _as_input(input_ids, np.int32), _as_input(attention_mask, bool)
     if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
       raise ValueError(
         f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be [B, L]"
       )
-    return self._encode(self.state, input_ids, attention_mask)
+    fn = self._encode_zeroed if zero_padding else self._encode
+    return fn(self.state, input_ids, attention_mask)
 
   def _require_tokenizer(self) -> Tokenizer:
     if self.tokenizer is None:
@@ -268,7 +277,7 @@ class T5Encoder:
       positions are zero.
     """
     ids, mask = self.tokenize(prompts)
-    return self._encode_zeroed(self.state, jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(mask)
+    return self.encode(ids, mask, zero_padding=True), jnp.asarray(mask)
 
   def __repr__(self) -> str:
     c = self.config

@@ -65,7 +65,7 @@ def save_init(out: str) -> None:
   """Writes ``OUT/init.npz``: the params the trainer starts from (same seed and code path)."""
   import jax
 
-  from imagen_jax.train import model as model_lib
+  from imagen_jax.stage import model as model_lib
 
   config = tiny_config()
   model = model_lib.StageModel.create(config.stages.base, text_dim=64, seed=config.seed)
@@ -78,12 +78,12 @@ def restore_onto(out: str, source: str) -> dict:
   import jax
 
   from imagen_jax import checkpoint as ckpt_lib
+  from imagen_jax import config as config_lib
   from imagen_jax import sharding
+  from imagen_jax.stage import model as model_lib
+  from imagen_jax.stage import optim
+  from imagen_jax.stage import step as step_lib
   from imagen_jax.tools.inspect_checkpoint import load_state
-  from imagen_jax.train import config as config_lib
-  from imagen_jax.train import model as model_lib
-  from imagen_jax.train import optim
-  from imagen_jax.train import step as step_lib
 
   config = tiny_config()
   stage = config.stages.base

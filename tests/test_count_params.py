@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from imagen_jax import config as config_lib
 from imagen_jax.tools import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,11 +43,11 @@ def test_cli_subprocess_base64():
 
 
 def test_tiny_arg_and_breakdown():
-  config = count_params.load_config(str(ROOT / "configs" / "sr1024.py") + ":tiny")
+  config = config_lib.load_config(str(ROOT / "configs" / "sr1024.py") + ":tiny")
   (cfg,) = count_params.model_configs(config).values()
   assert cfg.name == "tiny_sr1024"
   total, breakdown = count_params.count_params(cfg)
   assert total == sum(breakdown.values()) and {"dblocks", "ublocks", "text"} <= set(breakdown)
   assert total < 1_000_000
   with pytest.raises(ValueError, match="unknown arg"):
-    count_params.load_config(str(ROOT / "configs" / "sr1024.py") + ":huge")
+    config_lib.load_config(str(ROOT / "configs" / "sr1024.py") + ":huge")

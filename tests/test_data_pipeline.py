@@ -10,12 +10,14 @@ import zlib
 
 import grain
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
 from imagen_jax.data import COUNTER_KEYS, DataConfig, make_dataset, make_map_dataset, pipeline
 from imagen_jax.data import preprocess as pp
 from imagen_jax.data.pipeline import example_ops
+from imagen_jax.data.shapes import ShapesSource
 from imagen_jax.data.sources import ImageFolderSource
 
 SIZE = 16
@@ -226,7 +228,6 @@ def test_resume_from_state_is_bit_identical(messy):
 
 
 def test_resume_through_orbax_checkpoint_manager(messy, tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
   src = ImageFolderSource(messy)
   it = iter(make_dataset(src, **AUG, **ONE))
   _take(it, 3)
@@ -338,11 +339,8 @@ def test_config_validation():
     make_dataset(ArraySource(3), image_size=8, batch_size=4, num_epochs=1, **ONE)
 
 
-def test_with_shapes_source_if_available():
-  shapes = pytest.importorskip("imagen_jax.data.shapes")
-  if not hasattr(shapes, "ShapesSource"):
-    pytest.skip("imagen_jax.data.shapes.ShapesSource not written yet")
-  src = shapes.ShapesSource(seed=0, image_size=32)
+def test_with_shapes_source():
+  src = ShapesSource(seed=0, image_size=32)
   b = next(iter(make_dataset(src, image_size=32, lowres_size=16, batch_size=2, **ONE)))
   assert b["image"].shape == (2, 32, 32, 3) and b["lowres"].shape == (2, 16, 16, 3)
   assert sum(int(b[k].sum()) for k in COUNTER_KEYS) == 0

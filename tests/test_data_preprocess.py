@@ -103,12 +103,100 @@ def test_sixteen_bit_png_scaled_to_eight():
   np.testing.assert_array_equal(_rgb(arr16)[..., 1], [[0, 255], [100, 200]])  # uint16 array
 
 
-def test_exif_orientation_applied():
-  img = Image.new("RGB", (4, 2), (255, 0, 0))
+# A 3-wide, 2-high image, every pixel its own colour; the stored top-left corner is pure red.
+STORED = np.array(
+  [
+    [[255, 0, 0], [0, 60, 0], [0, 120, 0]],
+    [[0, 0, 60], [0, 0, 120], [0, 0, 180]],
+  ],
+  np.uint8,
+)  # [H=2, W=3, 3]
+
+# EXIF 2.3 Orientation (tag 0x0112), as written in the spec: where the stored 0th row and 0th
+# column are on display. The stored top-left pixel is where they meet, so it is displayed at:
+EXIF_ORIENTATIONS = {
+  # value: (0th row, 0th column, displayed shape [H, W], corner of the red pixel)
+  1: ("top", "left", (2, 3), "top-left"),
+  2: ("top", "right", (2, 3), "top-right"),  # mirrored horizontally
+  3: ("bottom", "right", (2, 3), "bottom-right"),  # rotated 180°
+  4: ("bottom", "left", (2, 3), "bottom-left"),  # mirrored vertically
+  5: ("left", "top", (3, 2), "top-left"),  # transposed
+  6: ("right", "top", (3, 2), "top-right"),  # stored rotated 90° CCW: rotate 90° CW to display
+  7: ("right", "bottom", (3, 2), "bottom-right"),  # transverse
+  8: ("left", "bottom", (3, 2), "bottom-left"),  # stored rotated 90° CW: rotate 90° CCW to display
+}
+
+
+def exif_display(stored: np.ndarray, orientation: int) -> np.ndarray:
+  """How a viewer following the EXIF spec displays ``stored`` ([H, W, C]), for 1-8."""
+  rows = {"top": lambda a: a, "bottom": lambda a: a[::-1]}  # row 0 on top or at the bottom
+  row0, col0 = EXIF_ORIENTATIONS[orientation][:2]
+  if row0 in ("top", "bottom"):  # no rotation: rows stay rows
+    out = rows[row0](stored)
+    return out if col0 == "left" else out[:, ::-1]
+  # Rows become columns: displayed[i, j] = stored[j, i], then mirrored to put row 0 / column 0
+  # on the named sides.
+  out = stored.swapaxes(0, 1)
+  out = out if col0 == "top" else out[::-1]
+  return out if row0 == "left" else out[:, ::-1]
+
+
+def _with_orientation(arr: np.ndarray, orientation: int, fmt: str, scale: int = 1) -> bytes:
+  """``arr`` (each pixel blown up to ``scale``²) encoded as ``fmt`` with an EXIF orientation."""
+  big = np.repeat(np.repeat(arr, scale, 0), scale, 1)
   exif = Image.Exif()
-  exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-  out = _rgb(_jpeg_bytes(img, exif=exif.tobytes()))
-  assert out.shape == (4, 2, 3)
+  exif[0x0112] = orientation
+  buf = io.BytesIO()
+  extra = {"quality": 95, "subsampling": 0} if fmt == "JPEG" else {}
+  Image.fromarray(big).save(buf, format=fmt, exif=exif.tobytes(), **extra)
+  return buf.getvalue()
+
+
+def test_exif_display_oracle_matches_numpy_rotations():
+  """The spec table above, cross-checked against numpy's rotations (rot90 k=-1 is clockwise)."""
+  a = STORED
+  want = {
+    1: a,
+    2: a[:, ::-1],
+    3: np.rot90(a, 2),
+    4: a[::-1],
+    5: a.swapaxes(0, 1),
+    6: np.rot90(a, -1),
+    7: np.rot90(a, -1)[::-1],
+    8: np.rot90(a, 1),
+  }
+  for o, w in want.items():
+    np.testing.assert_array_equal(exif_display(a, o), w, err_msg=str(o))
+
+
+@pytest.mark.parametrize("orientation", list(EXIF_ORIENTATIONS))
+def test_exif_orientation_puts_the_marked_corner_where_the_spec_says(orientation):
+  """Lossless (PNG with an eXIf chunk), so every pixel is checked exactly: a clockwise/
+  anticlockwise or mirror mix-up moves the red corner (6 and 8 put it on opposite sides)."""
+  out = _rgb(_with_orientation(STORED, orientation, "PNG"))
+  _, _, shape, corner = EXIF_ORIENTATIONS[orientation]
+  assert out.shape == (*shape, 3)
+  vertical, horizontal = corner.split("-")
+  red = (0 if vertical == "top" else shape[0] - 1, 0 if horizontal == "left" else shape[1] - 1)
+  assert tuple(np.argwhere((out == [255, 0, 0]).all(-1))[0]) == red
+  assert (out == [255, 0, 0]).all(-1).sum() == 1
+  np.testing.assert_array_equal(out, exif_display(STORED, orientation))
+
+
+@pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
+def test_exif_orientation_of_jpeg(orientation):
+  """JPEG, where cameras write the tag: 16x16 blocks per pixel survive the compression, so the
+  centre of each displayed block must have that pixel's colour."""
+  out = _rgb(_with_orientation(STORED, orientation, "JPEG", scale=16))
+  want = exif_display(STORED, orientation)
+  assert out.shape == (want.shape[0] * 16, want.shape[1] * 16, 3)
+  centres = out[8::16, 8::16].astype(int)
+  np.testing.assert_allclose(centres, want, atol=12)
+
+
+@pytest.mark.parametrize("orientation", [0, 9])
+def test_invalid_exif_orientation_leaves_the_image_as_stored(orientation):
+  np.testing.assert_array_equal(_rgb(_with_orientation(STORED, orientation, "PNG")), STORED)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -112,7 +112,8 @@ N_TFDS = 6
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow_datasets as tfds  # a runtime dependency (pyproject), not optional
+
   root = tmp_path_factory.mktemp("tfds")
   src = root / "src"
   for i in range(N_TFDS):

@@ -10,9 +10,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from imagen_jax.data import text_cache
+from imagen_jax.data.text_cache import EmbeddingCache, caption_key
 from imagen_jax.text import T5Encoder, TruncationWarning
 from imagen_jax.tools import encode_texts
-from imagen_jax.tools.encode_texts import EmbeddingCache, caption_key
 
 try:
   from tests.t5_fixtures import make_tiny_t5_dir
@@ -89,7 +90,7 @@ def test_cli_round_trip_text_file(t5_dir, encoder, tmp_path):
 
 def test_interrupted_run_resumes(encoder, tmp_path, monkeypatch):
   out = tmp_path / "cache"
-  real_write = encode_texts._write_shard
+  real_write = text_cache._write_shard
   calls = []
 
   def crash_on_second_shard(path, keys, emb, mask):
@@ -99,20 +100,20 @@ def test_interrupted_run_resumes(encoder, tmp_path, monkeypatch):
       raise KeyboardInterrupt
     real_write(path, keys, emb, mask)
 
-  monkeypatch.setattr(encode_texts, "_write_shard", crash_on_second_shard)
+  monkeypatch.setattr(text_cache, "_write_shard", crash_on_second_shard)
   kw = dict(shard_size=3, batch_size=BATCH, progress=False)
   with pytest.raises(KeyboardInterrupt):
-    encode_texts.encode_to_cache(CAPTIONS, encoder, out, **kw)
+    text_cache.encode_to_cache(CAPTIONS, encoder, out, **kw)
   assert [p.name for p in sorted(out.glob("shard-*.safetensors"))] == ["shard-00000.safetensors"]
   assert not (out / "index.json").exists()
   with pytest.raises(FileNotFoundError, match="not a finished"):
     EmbeddingCache(out)
 
-  monkeypatch.setattr(encode_texts, "_write_shard", real_write)
+  monkeypatch.setattr(text_cache, "_write_shard", real_write)
   encoded = []
   real_encode = encoder.encode_text
   monkeypatch.setattr(encoder, "encode_text", lambda p: encoded.extend(p) or real_encode(p))
-  stats = encode_texts.encode_to_cache(CAPTIONS, encoder, out, **kw)
+  stats = text_cache.encode_to_cache(CAPTIONS, encoder, out, **kw)
   assert stats["cached"] == 3 and stats["encoded"] == 4  # 6 unique + "" = 7
   assert not list(out.glob("*.tmp"))
   done = {t for t in encoded if t}
@@ -139,7 +140,7 @@ def test_jsonl_input_bfloat16_storage(t5_dir, encoder, tmp_path):
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": "ok"}\n{not json\n')
   with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
-    encode_texts.read_caption_file(bad, "text")
+    text_cache.read_caption_file(bad, "text")
 
 
 def test_image_folder_source(t5_dir, encoder, tmp_path):
@@ -166,7 +167,7 @@ def test_image_folder_source(t5_dir, encoder, tmp_path):
 
 def test_mismatches_and_missing_captions(t5_dir, encoder, tmp_path):
   out = tmp_path / "cache"
-  encode_texts.encode_to_cache(["a cat"], encoder, out, batch_size=BATCH, progress=False)
+  text_cache.encode_to_cache(["a cat"], encoder, out, batch_size=BATCH, progress=False)
   with pytest.raises(ValueError, match="max_length=16, but 64 was requested"):
     EmbeddingCache(out, max_length=64)
   with pytest.raises(ValueError, match="d_model=32, but 4096 was requested"):
@@ -174,7 +175,7 @@ def test_mismatches_and_missing_captions(t5_dir, encoder, tmp_path):
   with pytest.raises(KeyError, match="1 of 2 captions are not in the cache"):
     EmbeddingCache(out).lookup(["a cat", "never encoded"])
   with pytest.raises(ValueError, match="other settings.*storage_dtype"):
-    encode_texts.encode_to_cache(
+    text_cache.encode_to_cache(
       ["a dog"], encoder, out, storage_dtype="float32", batch_size=BATCH, progress=False
     )
   assert caption_key("  a cat\n") == caption_key("a cat")

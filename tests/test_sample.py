@@ -17,25 +17,15 @@ from PIL import Image
 
 from imagen_jax import diffusion
 from imagen_jax.sample.cascade import Cascade
-from imagen_jax.train import train_and_evaluate
-from tests.train_utils import ROOT, load_config, subprocess_env
+from tests.train_utils import ROOT, subprocess_env, two_stage_run
 
 PROMPTS = ["a small red circle at the top left", "a large blue square in the center"]
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """A 2-step training run of both stages (random-ish weights, real checkpoints)."""
-  config = load_config("shapes", "ci")
-  for s in (config.stages.base, config.stages.sr):
-    s.total_steps, s.batch_size, s.eval_every, s.final_eval = 2, 2, 0, False
-    s.sample.update(steps=3, guidance=3.0)
-    # No warmup and a large lr: two Adam steps move every weight (zero-initialised output
-    # layers too), so the text pathway — and hence guidance — has a visible effect.
-    s.optimizer.update(warmup_steps=0, lr=2e-2)
-  path = tmp_path_factory.mktemp("run")
-  train_and_evaluate(config, str(path))
-  return path
+def workdir():
+  """A 2-step training run of both stages (random-ish weights, real checkpoints); shared."""
+  return two_stage_run()
 
 
 @pytest.fixture(scope="module")

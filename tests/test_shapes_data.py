@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grain
 import numpy as np
 import pytest
 
@@ -34,7 +35,6 @@ def test_different_indices_and_seeds_differ():
 
 
 def test_item_format_and_grain_protocol():
-  grain = pytest.importorskip("grain")
   src = ds.ShapesSource(seed=0, image_size=32, length=10)
   assert isinstance(src, grain.sources.RandomAccessDataSource) and len(src) == 10
   item = src[3]

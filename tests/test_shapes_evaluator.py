@@ -100,7 +100,7 @@ def test_single_and_two_object_alignment_split_alignment():
 
 
 def test_noise_and_blank_images():
-  prompts = ev.default_prompts(100)
+  prompts = ds.default_prompts(100)
   rng = np.random.default_rng(0)
   noise = np.clip(rng.standard_normal((100, 32, 32, 3)), -1, 1).astype(np.float32)
   m = ev.score(prompts, noise)
@@ -166,7 +166,7 @@ def test_evaluator_prompts_are_fixed_and_mixed():
   images = np.stack([ds.render(ds.scene_from_spec(s, rng), 32) for s in specs])
   m = a.run(_to_float(images))
   assert m["alignment"] == 1.0 and m == a(images)
-  assert len(ev.default_prompts(500, 0.0)) == 500  # more single prompts than the 432 distinct ones
+  assert len(ds.default_prompts(500, 0.0)) == 500  # more single prompts than the 432 distinct ones
 
 
 def test_cli_self_test(capsys):

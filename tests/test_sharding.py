@@ -8,10 +8,9 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
+from imagen_jax import config as config_lib
 from imagen_jax import sharding
-from imagen_jax.tools.compile_check import _parse_mesh
-from imagen_jax.train import config as config_lib
-from imagen_jax.train import model as model_lib
+from imagen_jax.stage import model as model_lib
 from tests.train_utils import tiny_base_config
 
 MESH = AbstractMesh((2, 4, 2), sharding.MESH_AXES)  # shapes only: no devices needed
@@ -47,9 +46,11 @@ def test_bad_mesh_in_a_config_fails_validation():
 
 
 def test_parse_mesh_flag():
-  assert _parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
+  assert sharding.parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
+  with pytest.raises(ValueError, match="unknown axis 'model'"):
+    sharding.parse_mesh("model=2")
   with pytest.raises(ValueError, match="name=size"):
-    _parse_mesh("data=two")
+    sharding.parse_mesh("data=two")
 
 
 def test_fitted_spec_shards_divisible_dims_and_replicates_the_rest():

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from imagen_jax.checkpoint import CheckpointMismatchError
+from imagen_jax.config import stage_config
+from imagen_jax.stage import step as step_lib
 from imagen_jax.train import NonFiniteError, train_and_evaluate
 from imagen_jax.train import data as data_lib
-from imagen_jax.train import step as step_lib
-from imagen_jax.train.config import stage_config
 from tests.train_utils import load_config, tiny_base_config
 
 

@@ -2,22 +2,49 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import filelock
+
+from imagen_jax import config as config_lib
+from imagen_jax.train import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str, arg: str | None = None):
-  """``configs/<name>.py``'s ``get_config(arg)``."""
-  path = ROOT / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  """``configs/<name>.py``'s ``get_config(arg)`` (the built-in config ``name``)."""
+  return config_lib.load_config(f"{name}:{arg}" if arg else name)
+
+
+def two_stage_run() -> Path:
+  """A 2-step run of both stages of ``shapes:ci``, trained once per test session and shared.
+
+  Weights are moved off their initialisation (no warmup, lr 2e-2: two Adam steps move every
+  weight, zero-initialised output layers too), so the text pathway and hence guidance matter.
+  The run lives in the session's cache directory (conftest's ``IMAGEN_JAX_TEST_CACHE``, shared by
+  the xdist workers); a file lock makes the first test to ask train it. Treat it as read-only:
+  tests that change a run copy it first.
+  """
+  cache = Path(os.environ.get("IMAGEN_JAX_TEST_CACHE") or tempfile.gettempdir())
+  path = cache / "runs" / "two_stage_2steps"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with filelock.FileLock(str(path) + ".lock"):
+    if not (path / "DONE").is_file():
+      shutil.rmtree(path, ignore_errors=True)
+      config = load_config("shapes", "ci")
+      for s in (config.stages.base, config.stages.sr):
+        s.total_steps, s.batch_size, s.eval_every, s.final_eval = 2, 2, 0, False
+        s.sample.update(steps=3, guidance=3.0)
+        s.optimizer.update(warmup_steps=0, lr=2e-2)
+      train_and_evaluate(config, str(path))
+      (path / "DONE").touch()
+  return path
 
 
 def tiny_base_config(steps: int = 4, **stage_overrides):

@@ -23,7 +23,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from imagen_jax.data import preprocess as pp
 from imagen_jax.data.sources import TextEmbeddingLookup, lookup_text_embeddings
@@ -268,8 +270,6 @@ def make_map_dataset(
   """Like ``make_dataset`` but returns the random-access ``MapDataset`` of batches (``ds[k]``)."""
   cfg = DataConfig(**overrides) if config is None else dataclasses.replace(config, **overrides)
   if process_index is None or process_count is None:
-    import jax
-
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -345,8 +345,6 @@ def make_dataset(
   )
   it = ds.to_iter_dataset(read)
   if cfg.worker_count > 0:
-    from absl import flags
-
     # Grain reads absl flags when starting workers; outside an absl app (tests, notebooks) they
     # are unparsed and it raises UnparsedFlagAccessError, so fall back to the flag defaults.
     if not flags.FLAGS.is_parsed():

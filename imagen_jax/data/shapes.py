@@ -450,3 +450,24 @@ class ShapesSource:
       f"ShapesSource(seed={self.seed}, image_size={self.image_size}, length={self.length}, "
       f"two_object_prob={self.two_object_prob}, position_jitter={self.position_jitter})"
     )
+
+
+def default_prompts(
+  num_prompts: int = 64, two_object_fraction: float = 0.25, seed: int = 0
+) -> list[str]:
+  """A fixed, deterministic evaluation prompt list mixing single- and two-object captions.
+
+  Single-object prompts are distinct (drawn without replacement from the 432 possible ones until
+  they run out), so colours, shapes, sizes and cells are all covered evenly.
+  """
+  if num_prompts <= 0 or not 0.0 <= two_object_fraction <= 1.0:
+    raise ValueError(f"need num_prompts > 0 and 0 <= two_object_fraction <= 1: {num_prompts=}")
+  rng = np.random.default_rng([seed, 0x5A4E])
+  n_two = int(round(num_prompts * two_object_fraction))
+  singles = all_single_object_captions()
+  order = np.concatenate(
+    [rng.permutation(len(singles)) for _ in range(-(-num_prompts // len(singles)))]
+  )
+  prompts = [singles[i] for i in order[: num_prompts - n_two]]
+  prompts += [caption(sample_spec(rng, two_object_prob=1.0)) for _ in range(n_two)]
+  return [prompts[i] for i in rng.permutation(len(prompts))]

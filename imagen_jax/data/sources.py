@@ -180,7 +180,12 @@ class TfdsSource:
     caption_key: str = "caption",
     key_key: str | None = None,
   ):
-    import tensorflow_datasets as tfds
+    try:
+      import tensorflow_datasets as tfds
+    except ImportError as e:  # an optional dependency: only this source needs it
+      raise ImportError(
+        'data.source="tfds" needs tensorflow-datasets: pip install "imagen-jax[tfds]"'
+      ) from e
 
     name = os.fspath(name_or_builder_dir)
     if os.path.isfile(os.path.join(name, "dataset_info.json")):

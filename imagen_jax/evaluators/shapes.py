@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 from imagen_jax.data import shapes as ds
@@ -357,27 +358,6 @@ def score(
   }
 
 
-def default_prompts(
-  num_prompts: int = 64, two_object_fraction: float = 0.25, seed: int = 0
-) -> list[str]:
-  """A fixed, deterministic evaluation prompt list mixing single- and two-object captions.
-
-  Single-object prompts are distinct (drawn without replacement from the 432 possible ones until
-  they run out), so colours, shapes, sizes and cells are all covered evenly.
-  """
-  if num_prompts <= 0 or not 0.0 <= two_object_fraction <= 1.0:
-    raise ValueError(f"need num_prompts > 0 and 0 <= two_object_fraction <= 1: {num_prompts=}")
-  rng = np.random.default_rng([seed, 0x5A4E])
-  n_two = int(round(num_prompts * two_object_fraction))
-  singles = ds.all_single_object_captions()
-  order = np.concatenate(
-    [rng.permutation(len(singles)) for _ in range(-(-num_prompts // len(singles)))]
-  )
-  prompts = [singles[i] for i in order[: num_prompts - n_two]]
-  prompts += [ds.caption(ds.sample_spec(rng, two_object_prob=1.0)) for _ in range(n_two)]
-  return [prompts[i] for i in rng.permutation(len(prompts))]
-
-
 class ShapesAlignmentEvaluator:
   """Scores a model's samples for a fixed prompt list (used by the trainer on EMA weights).
 
@@ -397,7 +377,8 @@ class ShapesAlignmentEvaluator:
     """Builds the evaluator.
 
     Args:
-      prompts: explicit prompts (each must be a grammar caption); default: :func:`default_prompts`.
+      prompts: explicit prompts (each must be a grammar caption); default: the
+        dataset's :func:`~imagen_jax.data.shapes.default_prompts`.
       num_prompts: number of default prompts.
       two_object_fraction: share of two-object default prompts.
       seed: seed of the default prompt list.
@@ -407,7 +388,7 @@ class ShapesAlignmentEvaluator:
       ValueError: an explicit prompt is not a caption of the grammar.
     """
     if prompts is None:
-      prompts = default_prompts(num_prompts, two_object_fraction, seed)
+      prompts = ds.default_prompts(num_prompts, two_object_fraction, seed)
     for p in prompts:
       ds.parse_caption(p)
     self.prompts: list[str] = list(prompts)
@@ -449,8 +430,6 @@ def load_images_dir(images_dir: str | pathlib.Path) -> tuple[list[str], list[np.
   Raises:
     ValueError: the directory has none of these layouts or counts differ.
   """
-  from PIL import Image
-
   root = pathlib.Path(images_dir)
   if not root.is_dir():
     raise ValueError(f"not a directory: {root}")

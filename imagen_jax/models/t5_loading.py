@@ -16,6 +16,7 @@ FSDP-sharded without a full copy on one device).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,13 +24,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub as hub
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from huggingface_hub import constants as hf_constants
 from jax.sharding import Mesh, NamedSharding, Sharding
 from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from imagen_jax.models.t5 import T5Config, T5EncoderModule
@@ -57,12 +61,7 @@ class CheckpointError(ValueError):
 
 def _hub_offline() -> bool:
   env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-  try:
-    from huggingface_hub import constants
-
-    return env or bool(constants.HF_HUB_OFFLINE)
-  except ImportError:
-    return env
+  return env or bool(hf_constants.HF_HUB_OFFLINE)
 
 
 def resolve_checkpoint_dir(
@@ -105,12 +104,6 @@ def resolve_checkpoint_dir(
 def _download_from_hub(
   repo_id: str, *, subfolder: str | None, revision: str | None, tok: bool
 ) -> Path:
-  try:
-    import huggingface_hub as hub
-  except ImportError as e:
-    raise CheckpointError(
-      f"{repo_id}: not a local directory, and huggingface_hub is not installed to fetch it"
-    ) from e
   offline = _hub_offline()
 
   def fetch(name: str) -> Path:
@@ -438,10 +431,6 @@ def save_t5_encoder(model: T5EncoderModule, path: str | os.PathLike) -> Path:
 
   The inverse of :func:`load_t5_encoder` (and loadable by ``transformers.T5EncoderModel``).
   """
-  import dataclasses
-
-  from safetensors.numpy import save_file
-
   cfg = model.config
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from imagen_jax.models.layers import (
   group_norm,
   upsample,
 )
-from imagen_jax.models.unet_config import UNetConfig
+from imagen_jax.models.unet_config import UNetConfig, remat_policy
 from imagen_jax.sharding import constrain
 
 
@@ -50,13 +50,11 @@ class _Blocks:
   """Shared per-block helpers: remat per ResBlock/attention call, as the config asks."""
 
   remat: str
-  remat_policy_name: str
 
   def _res(self, block: ResBlock, h: jax.Array, emb: jax.Array) -> jax.Array:
     if self.remat == "none":
       return block(h, emb)
-    policy = None if self.remat == "block" else getattr(jax.checkpoint_policies, self.remat)
-    return nnx.remat(_apply, policy=policy)(block, h, emb)
+    return nnx.remat(_apply, policy=remat_policy(self.remat))(block, h, emb)
 
   def _attn(self, attn: Attention | None, h: jax.Array, cond: dict, ctrl) -> jax.Array:
     if attn is None:
@@ -64,8 +62,7 @@ class _Blocks:
     args = (h, cond["ctx"], cond["mask"], cond["has_text"])
     if ctrl is not None or self.remat == "none":  # recorded values cannot leave a remat'd block
       return attn(*args, ctrl)
-    policy = None if self.remat == "block" else getattr(jax.checkpoint_policies, self.remat)
-    return nnx.remat(_apply, policy=policy)(attn, *args)
+    return nnx.remat(_apply, policy=remat_policy(self.remat))(attn, *args)
 
 
 def _attention(cfg: UNetConfig, channels: int, level: int, site: str, kw: dict) -> Attention | None:

@@ -341,8 +341,8 @@ class UNetConfig:
 
   @property
   def remat_policy(self) -> Any:
-    """``None`` for ``"block"`` (save nothing), else the named ``jax.checkpoint_policies`` entry."""
-    return None if self.remat in ("none", "block") else getattr(jax.checkpoint_policies, self.remat)
+    """See :func:`remat_policy`."""
+    return remat_policy(self.remat)
 
   def heads_for(self, channels: int) -> tuple[int, int]:
     """(num_heads, head_dim) of an attention layer on ``channels`` block channels."""
@@ -385,3 +385,9 @@ class UNetConfig:
 
 
 PRESETS = ("base64", "sr256", "sr1024", "tiny_base", "tiny_sr", "tiny_sr1024")
+
+
+def remat_policy(remat: str) -> Any:
+  """The ``jax.checkpoint`` policy of a ``remat`` setting: ``None`` for ``"none"`` and
+  ``"block"`` (save nothing inside a block), else the named ``jax.checkpoint_policies`` entry."""
+  return None if remat in ("none", "block") else getattr(jax.checkpoint_policies, remat)

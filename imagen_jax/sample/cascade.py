@@ -7,9 +7,18 @@
   # Stages trained as separate runs (one workdir each), chained in the given order:
   cascade = Cascade.from_workdir(["runs/base64", "runs/sr256", "runs/sr1024"])
 
+  # Weights sharded like training (FSDP over 4 devices, batch over 2 × 4): a 2B base + T5-XXL on
+  # devices that cannot each hold a full copy.
+  cascade = Cascade.from_workdir("runs/base64", mesh={"data": 2, "fsdp": 4})
+
 Each stage's whole sampling loop is one jitted program. Prompts are tokenized to a fixed length and
-batches are padded to power-of-two buckets, so new prompts (or a different number of them within a
-bucket) never recompile; batches are sharded over the available devices.
+batches are padded to power-of-two buckets (and to a multiple of the data-parallel devices), so new
+prompts (or a different number of them within a bucket) never recompile. Everything runs on one
+device mesh (:func:`imagen_jax.sharding.make_mesh`, the same axes and logical rules as training):
+by default ``data`` over all devices with the weights replicated; with ``fsdp`` / ``tensor`` axes
+the stage weights and the T5 are sharded, restored from their checkpoints straight into those
+shardings. The same prompts and seed give the same images on any mesh (up to float reduction
+order), and in a multi-process run (``jax.distributed``) every process gets all the images.
 """
 
 from __future__ import annotations
@@ -17,17 +26,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from PIL import Image
 from tqdm.auto import tqdm
 
-from imagen_jax import diffusion, sharding
+from imagen_jax import config as config_lib
+from imagen_jax import diffusion, metrics, sharding
+from imagen_jax.checkpoint import restore_params_with_step
 from imagen_jax.sample.stage import SamplerSettings, make_stage_sampler
+from imagen_jax.stage.model import StageModel, stage_schedule
+from imagen_jax.stage.text_cond import DEMO_ENCODER, build_text_embedder
 
 
 @dataclasses.dataclass
@@ -35,7 +51,7 @@ class CascadeStage:
   """One stage: a U-Net (static part + params), its diffusion setup and sampling settings."""
 
   name: str
-  model: Any  # imagen_jax.train.model.StageModel
+  model: Any  # imagen_jax.stage.model.StageModel
   params: Any
   schedule: Any
   pred_type: str
@@ -51,8 +67,6 @@ class CascadeStage:
   ) -> CascadeStage:
     """A stage from its training config (``config.stages.<name>``): schedule, objective, sizes
     and the ``sample`` settings (updated by ``settings``); ``fields`` set the rest."""
-    from imagen_jax.train.model import stage_schedule
-
     fields.setdefault("name", stage.name)
     return cls(
       model=model,
@@ -79,6 +93,8 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 Workdirs = str | os.PathLike | Sequence[str | os.PathLike]
+MeshSpec = Mesh | Mapping[str, int] | None  # a mesh, or its axis sizes (``{"data": -1}``)
+OUTPUT_TYPES = ("np", "pil")
 
 
 def load_run_configs(workdir: Workdirs) -> list[tuple[str, ml_collections.ConfigDict]]:
@@ -127,22 +143,47 @@ class Cascade:
   Args:
     stages: the stages in order (base first). Resolutions must chain: a stage's ``lowres_size``
       equals the previous stage's ``image_size``.
-    text: a ``TextConditioner`` (``encode_prompts(prompts) -> (emb, mask)``).
+    text: a ``TextEmbedder`` (``encode_prompts(prompts) -> (emb, mask)``).
     max_batch: largest batch per compiled call; larger requests run in chunks.
+    mesh: the device mesh to sample on, or its axis sizes (``{"data": 2, "fsdp": 4}``, -1 =
+      the rest); default ``data`` over all devices (weights replicated, batch split).
+    rules: logical axis rules for the weights (default :data:`imagen_jax.sharding.DEFAULT_RULES`;
+      a run's ``config.logical_rules`` in :meth:`from_workdir`).
+
+  Stage params are placed on ``mesh`` by their logical axis names (a no-op when they were restored
+  into those shardings, as :meth:`from_workdir` does).
   """
 
-  def __init__(self, stages: Sequence[CascadeStage], text: Any, *, max_batch: int = 16):
+  def __init__(
+    self,
+    stages: Sequence[CascadeStage],
+    text: Any,
+    *,
+    max_batch: int = 16,
+    mesh: MeshSpec = None,
+    rules: sharding.Rules | None = None,
+  ):
     if not stages:
       raise ValueError("Cascade needs at least one stage")
+    if int(max_batch) < 1:
+      raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     _check_chain([(s.name, s.image_size, s.lowres_size) for s in stages])
-    self.stages = list(stages)
+    self.mesh = as_mesh(mesh)
+    self.rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
+    self.stages = [
+      dataclasses.replace(s, params=jax.device_put(s.params, self.param_shardings(s)))
+      for s in stages
+    ]
     self.text = text
     self.max_batch = int(max_batch)
+    # Every compiled batch splits evenly over the data-parallel devices (data × fsdp).
+    self.batch_shards = int(np.prod([self.mesh.shape[a] for a in sharding.BATCH_AXES]))
     self._samplers: dict[tuple, Callable] = {}
     self._progress: dict[str, Any] = {"bar": None, "callback": None, "stage": None}
-    # The batch is split over every device, as in training (params replicated: sampling is
-    # memory-light and latency-bound).
-    self._mesh = sharding.make_mesh({"data": -1}) if jax.device_count() > 1 else None
+
+  def param_shardings(self, stage: CascadeStage) -> Any:
+    """Where ``stage``'s params live on this cascade's mesh (by their logical axis names)."""
+    return sharding.param_shardings(stage.model.abstract_state, self.mesh, self.rules)
 
   # ---- construction -------------------------------------------------------------------------
 
@@ -155,6 +196,7 @@ class Cascade:
     use_ema: bool = True,
     settings: dict[str, dict] | None = None,
     max_batch: int = 16,
+    mesh: MeshSpec = None,
   ) -> Cascade:
     """Loads the latest checkpoint of every stage (EMA weights by default) of training runs.
 
@@ -168,16 +210,15 @@ class Cascade:
       settings: per-stage overrides of the runs' ``sample`` settings, e.g.
         ``{"sr": {"steps": 50, "guidance": 7.0}}``.
       max_batch: largest batch per compiled call.
+      mesh: the mesh to sample on, or its axis sizes (see :class:`Cascade`); the weights and the
+        text encoder are read straight into their shardings on it, with the first run's
+        ``config.logical_rules``.
 
     Raises:
       ValueError: inconsistent runs, unknown stages, or stages that do not chain (checked before
         any checkpoint or text encoder is loaded).
       FileNotFoundError: a workdir without ``config.json`` or a stage without a checkpoint.
     """
-    from imagen_jax.checkpoint import restore_params
-    from imagen_jax.train.model import StageModel
-    from imagen_jax.train.text_cond import build_text_conditioner
-
     runs = load_run_configs(workdir)
     owner = {name: (d, config) for d, config in runs for name in config.stage_order}
     names = list(stages or owner)
@@ -192,24 +233,30 @@ class Cascade:
     _check_chain(
       [(n, int(owner[n][1].stages[n].image_size), owner[n][1].stages[n].lowres_size) for n in names]
     )
-    text = build_text_conditioner(runs[0][1], runs[0][0])
+    mesh = as_mesh(mesh)
+    rules = config_lib.logical_rules(runs[0][1])
+    text = build_text_embedder(runs[0][1], runs[0][0], shardings=(mesh, rules))
     out = []
     for name in names:
       run_dir, config = owner[name]
       stage = config.stages[name]
       ckdir = os.path.join(run_dir, name, "checkpoints")
-      steps = [int(d) for d in os.listdir(ckdir) if d.isdigit()] if os.path.isdir(ckdir) else []
-      if not steps:
+      model = StageModel.create(stage, text_dim=text.d_model, seed=config.seed)
+      shardings = sharding.param_shardings(model.abstract_state, mesh, rules)
+      abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        model.abstract_params(),
+        shardings,
+      )
+      try:
+        params, step = restore_params_with_step(
+          ckdir, abstract, key="ema_params" if use_ema else "params"
+        )
+      except FileNotFoundError:
         raise FileNotFoundError(
           f"stage {name!r}: no checkpoint in {ckdir}; train it first (python train.py "
           f"--workdir={run_dir} --config.train_stages={name})"
-        )
-      model = StageModel.create(stage, text_dim=text.d_model, seed=config.seed)
-      abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_replicated()),
-        model.abstract_params(),
-      )
-      params = restore_params(ckdir, abstract, key="ema_params" if use_ema else "params")
+        ) from None
       out.append(
         CascadeStage.from_stage_config(
           stage,
@@ -217,11 +264,11 @@ class Cascade:
           params,
           settings=settings.get(name),
           name=name,
-          checkpoint_step=max(steps),
+          checkpoint_step=step,
           workdir=run_dir,
         )
       )
-    return cls(out, text, max_batch=max_batch)
+    return cls(out, text, max_batch=max_batch, mesh=mesh, rules=rules)
 
   # ---- sampling -----------------------------------------------------------------------------
 
@@ -237,7 +284,8 @@ class Cascade:
     strength: float | None = None,
     progress: bool = True,
     callback: Callable[[str, int, np.ndarray], None] | None = None,
-  ) -> dict[str, np.ndarray]:
+    output_type: str = "np",
+  ) -> dict[str, np.ndarray] | dict[str, list[Image.Image]]:
     """Generates images for ``prompts`` through the stages.
 
     Args:
@@ -253,10 +301,14 @@ class Cascade:
       strength: img2img strength in (0, 1]: the image is noised to t = strength and denoised.
       progress: a tqdm bar per stage.
       callback: ``callback(stage, step, x0_pred [N, H, W, 3])`` at every step.
+      output_type: ``"np"`` (arrays) or ``"pil"`` (lists of ``PIL.Image``, see :func:`to_pil`).
 
     Returns:
-      stage name → images ``[N, H, W, 3]`` float32 in [-1, 1], for every stage run.
+      stage name → images ``[N, H, W, 3]`` float32 in [-1, 1] (or N PIL images), for every
+      stage run. In a multi-process run every process returns all N images.
     """
+    if output_type not in OUTPUT_TYPES:
+      raise ValueError(f"output_type={output_type!r}; choose one of {OUTPUT_TYPES}")
     prompts = [p if isinstance(p, str) else bytes(p).decode("utf-8", "replace") for p in prompts]
     n = len(prompts)
     if n == 0:
@@ -270,11 +322,13 @@ class Cascade:
       )
     stages, lowres, img2img = self._plan(n, start_stage, init_image, strength)
     per_stage = {s.name: self._settings(s, (settings or {}).get(s.name)) for s in stages}
-    emb, mask = self.text.encode_prompts(prompts)
+    # Embeddings come back to the host once (every process holds the same values), then each
+    # chunk is placed batch-sharded on the mesh.
+    emb, mask = map(_to_host, self.text.encode_prompts(prompts))
     if negative_prompts is None:
-      null_emb, null_mask = jnp.zeros_like(emb), jnp.zeros_like(mask)
+      null_emb, null_mask = np.zeros_like(emb), np.zeros_like(mask)
     else:
-      null_emb, null_mask = self.text.encode_prompts(list(negative_prompts))
+      null_emb, null_mask = map(_to_host, self.text.encode_prompts(list(negative_prompts)))
     key = jax.random.key(seed)
     out: dict[str, np.ndarray] = {}
     for si, stage in enumerate(stages):
@@ -296,6 +350,8 @@ class Cascade:
         self._progress.update(bar=None, callback=None)
       lowres = np.concatenate(images)
       out[stage.name] = lowres
+    if output_type == "pil":
+      return {name: to_pil(images) for name, images in out.items()}
     return out
 
   def _plan(self, n, start_stage, init_image, strength):
@@ -358,14 +414,15 @@ class Cascade:
 
   def _run_chunk(self, stage, cfg, key, si, lo, hi, emb, mask, null_emb, null_mask, lowres, start):
     m = hi - lo
-    bucket = _bucket(m, self.max_batch)
+    bucket = _bucket(m, self.max_batch, self.batch_shards)
 
-    def pad(x):
-      x = jnp.asarray(x[lo:hi])
-      return jnp.concatenate([x, jnp.repeat(x[-1:], bucket - m, axis=0)]) if bucket > m else x
+    def pad(x):  # host [m, ...] → [bucket, ...], repeating the last row
+      x = np.asarray(x[lo:hi])
+      return np.concatenate([x, np.repeat(x[-1:], bucket - m, axis=0)]) if bucket > m else x
 
     shape = (stage.image_size, stage.image_size, 3)
-    # Per-image noise from (seed, image index): an image does not depend on its batch-mates.
+    # Per-image noise from (seed, image index): an image depends neither on its batch-mates nor
+    # on the mesh. Drawn on the host side, identically in every process.
     x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(
       jnp.arange(lo, lo + bucket)
     )
@@ -373,37 +430,59 @@ class Cascade:
     if start is not None:
       init, t_start = start
       logsnr = stage.schedule(jnp.full((bucket,), t_start))
-      x_T = diffusion.q_sample(pad(init), logsnr, x_T)
-    args = [pad(emb), pad(mask), pad(null_emb), pad(null_mask), x_T]
-    lr = pad(lowres) if lowres is not None else None
-    if self._mesh is not None and bucket % self._mesh.size == 0:
-      args = [jax.device_put(a, sharding.batch_sharding(self._mesh, a.ndim)) for a in args]
-      if lr is not None:
-        lr = jax.device_put(lr, sharding.batch_sharding(self._mesh, lr.ndim))
+      x_T = diffusion.q_sample(jnp.asarray(pad(init)), logsnr, x_T)
+    args = [pad(emb), pad(mask), pad(null_emb), pad(null_mask), np.asarray(x_T)]
+    if lowres is not None:
+      args.append(pad(lowres))
+    args = [self._put(a, sharding.batch_sharding(self.mesh, a.ndim)) for a in args]
+    if lowres is None:
+      args.append(None)
     bar = self._progress["bar"]
     report = "x0" if self._progress["callback"] is not None else None
     if report is None and bar is not None and not bar.disable:
       report = "steps"
     sampler = self._sampler(stage, cfg, report)
     rng = jax.random.fold_in(jax.random.fold_in(key, 1_000_003 + si), lo)
-    x0 = sampler(stage.params, rng, *args, lr, t_start=t_start)
-    return np.asarray(jax.device_get(x0))[:m]
+    rng = self._put(np.asarray(jax.random.key_data(rng)), sharding.replicated(self.mesh))
+    with sharding.use_rules(self.mesh, self.rules):  # activations constrained while tracing
+      x0 = sampler(stage.params, rng, *args, t_start=t_start)
+    return _to_host(x0)[:m]
+
+  def _put(self, x: np.ndarray, where: jax.sharding.NamedSharding) -> jax.Array:
+    """A host array (the same in every process) as a global array on the mesh."""
+    return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
 
 
-def _bucket(m: int, max_batch: int) -> int:
+def as_mesh(mesh: MeshSpec) -> Mesh:
+  """A mesh from a ``Mesh`` or axis sizes (``{"data": 2, "fsdp": 4}``); default data over all."""
+  return mesh if isinstance(mesh, Mesh) else sharding.make_mesh(dict(mesh or {"data": -1}))
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+  """``[N, H, W, 3]`` float images in [-1, 1] (a :class:`Cascade` output) → N ``PIL.Image``."""
+  return [Image.fromarray(x) for x in metrics.to_uint8(images)]
+
+
+def _to_host(x: Any) -> np.ndarray:
+  """A (possibly multi-process, sharded) array's full value as numpy, on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def _bucket(m: int, max_batch: int, shards: int = 1) -> int:
+  """The compiled batch for ``m`` images: the next power of two (at most ``max_batch``), rounded
+  up to a multiple of ``shards`` (the data-parallel devices) so it always splits evenly."""
   b = 1
   while b < m:
     b *= 2
-  return min(b, max_batch) if m <= max_batch else max_batch
+  b = min(b, max_batch)
+  return -(-b // shards) * shards
 
 
 def _check_image(x: np.ndarray, n: int, size: int, what: str) -> None:
   if x.shape != (n, size, size, 3):
     raise ValueError(f"{what} must be [{n}, {size}, {size}, 3] in [-1, 1], got {x.shape}")
-
-
-def _replicated():
-  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 def _as_workdirs(workdir: Workdirs) -> list[str]:
@@ -415,8 +494,6 @@ def _as_workdirs(workdir: Workdirs) -> list[str]:
 
 def _text_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What determines the text embeddings a run's stages were trained on."""
-  from imagen_jax.train.text_cond import DEMO_ENCODER
-
   t = config.text
   out = {"config.text.encoder": t.encoder, "config.text.max_length": int(t.max_length)}
   if not t.encoder:

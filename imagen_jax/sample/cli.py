@@ -9,10 +9,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image
 
-from imagen_jax import metrics
+from imagen_jax import diffusion, metrics
+from imagen_jax.data import shapes
+from imagen_jax.data.preprocess import BadExample, to_rgb
 from imagen_jax.sample.cascade import Cascade, Workdirs, load_run_configs
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,8 @@ _SETTING_TYPES = {
   "aug_level": float,
   "eta": float,
 }
+# Checked here, so that a typo fails before any checkpoint is loaded (the samplers check too).
+_SETTING_CHOICES = {"sampler": diffusion.SAMPLERS, "thresholding": diffusion.THRESHOLD_MODES}
 
 
 def parse_settings(items: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -42,11 +47,17 @@ def parse_settings(items: Sequence[str]) -> dict[str, dict[str, Any]]:
         f"--set={item!r}: unknown field {field!r}; choose from {list(_SETTING_TYPES)}"
       )
     try:
-      out.setdefault(stage, {})[field] = _SETTING_TYPES[field](value)
+      typed = _SETTING_TYPES[field](value)
     except ValueError:
       raise ValueError(
         f"--set={item!r}: {field} must be a {_SETTING_TYPES[field].__name__}"
       ) from None
+    choices = _SETTING_CHOICES.get(field)
+    if choices and typed not in choices:
+      raise ValueError(f"--set={item!r}: unknown {field} {typed!r}; choose one of {list(choices)}")
+    if field == "steps" and typed < 1:
+      raise ValueError(f"--set={item!r}: steps must be >= 1")
+    out.setdefault(stage, {})[field] = typed
   return out
 
 
@@ -59,6 +70,8 @@ def read_prompts(
   """
   out = list(prompts or [])
   if prompts_file:
+    if not os.path.isfile(prompts_file):
+      raise FileNotFoundError(f"--prompts_file={prompts_file}: no such file")
     with open(prompts_file, "rb") as f:
       raw = f.read().splitlines()
     bad = 0
@@ -77,17 +90,70 @@ def read_prompts(
     return out
   config = load_run_configs(workdir)[0][1]
   if config.data.source == "shapes":
-    from imagen_jax.evaluators.shapes import default_prompts
-
-    return default_prompts(8, seed=1)
+    return shapes.default_prompts(8, seed=1)
   raise ValueError("no prompts: pass --prompt=... (repeatable) or --prompts_file=...")
 
 
 def _load_image(path: str) -> np.ndarray:
-  from imagen_jax.data.preprocess import to_rgb
+  """``--init_image`` as ``[1, H, W, 3]`` float32 in [-1, 1].
 
-  img = to_rgb(Image.open(path))
-  return np.asarray(img, np.float32)[None] / 127.5 - 1.0
+  Raises:
+    ValueError: the file is missing, unreadable or not a decodable image (names the flag).
+  """
+  if not os.path.isfile(path):
+    raise ValueError(f"--init_image={path}: no such file; pass a PNG or JPEG image")
+  try:
+    with Image.open(path) as img:
+      rgb = to_rgb(img)  # decodes: a truncated file fails here, not at open
+  except (OSError, SyntaxError, Image.DecompressionBombError, BadExample) as e:
+    # PIL reports a corrupt file as UnidentifiedImageError (an OSError), a broken chunk as
+    # OSError or SyntaxError; to_rgb reports an unconvertible mode as BadExample.
+    raise ValueError(f"--init_image={path}: not a readable image ({e}); pass a PNG or JPEG") from e
+  return np.asarray(rgb, np.float32)[None] / 127.5 - 1.0
+
+
+def _check_start(
+  stage_configs: dict[str, Any],
+  names: Sequence[str],
+  start_stage: str | None,
+  init_image: str | None,
+  strength: float | None,
+) -> Any:
+  """``--start_stage``, ``--init_image`` and ``--strength`` make a plan the cascade can run.
+
+  The same rules as :meth:`Cascade.__call__`, with the flags' names. Returns the config of the
+  first stage to run.
+  """
+  if start_stage is not None and start_stage not in names:
+    raise ValueError(f"--start_stage={start_stage}: not a stage of the cascade; stages: {names}")
+  first = stage_configs[start_stage or names[0]]
+  if strength is not None and not 0.0 < strength <= 1.0:
+    raise ValueError(f"--strength must be in (0, 1], got {strength}")
+  if init_image is None:
+    if strength is not None:
+      raise ValueError("--strength needs --init_image (the image to start img2img from)")
+    if first.lowres_size is not None:
+      raise ValueError(
+        f"stage {first.name!r} is super-resolution: pass --init_image (its "
+        f"{first.lowres_size}² low-res input), or start at the base stage"
+      )
+  elif strength is None and first.lowres_size is None:
+    raise ValueError(
+      f"--init_image without --strength upscales it, but stage {first.name!r} is not "
+      "super-resolution: pass --strength for img2img, or --start_stage=<a super-resolution stage>"
+    )
+  return first
+
+
+def _check_init_size(image: np.ndarray, path: str, first: Any, strength: float | None) -> None:
+  """The image is the first stage's input: its low-res size (upscale) or its size (img2img)."""
+  size = int(first.image_size if strength is not None else first.lowres_size)
+  h, w = image.shape[1:3]
+  if (h, w) != (size, size):
+    use = "img2img start" if strength is not None else "low-res input"
+    raise ValueError(
+      f"--init_image={path} is {w}x{h}; stage {first.name!r} takes a {size}x{size} {use}: resize it"
+    )
 
 
 def run(
@@ -105,34 +171,50 @@ def run(
   strength: float | None = None,
   max_batch: int = 16,
   compilation_cache: str | None = None,
+  mesh: dict[str, int] | None = None,
 ) -> dict[str, Any]:
   """Samples ``num_images`` per prompt and writes ``outdir/{i:03d}_{stage}.png``, ``grid.png``
   and ``metadata.json``. Returns the written paths.
 
   ``workdir`` is one ``train.py`` workdir or several (one run per stage, in cascade order; see
   :meth:`Cascade.from_workdir`); ``outdir`` defaults to ``<first workdir>/samples_cli``.
+  ``mesh`` gives the device mesh's axis sizes (``{"data": 2, "fsdp": 4}``; default data over all
+  devices). In a multi-process run every process samples its part and process 0 writes the files.
   """
   if num_images < 1:
     raise ValueError(f"--num_images must be >= 1, got {num_images}")
+  if max_batch < 1:
+    raise ValueError(f"--max_batch must be >= 1, got {max_batch}")
   if compilation_cache:
-    import jax
-
     jax.config.update("jax_compilation_cache_dir", compilation_cache)
   settings = dict(settings or {})
   common = settings.pop("*", {})
   runs = load_run_configs(workdir)
-  names = list(stages or [n for _, config in runs for n in config.stage_order])
+  stage_configs = {n: config.stages[n] for _, config in runs for n in config.stage_order}
+  names = list(stages or stage_configs)
+  unknown = [n for n in names if n not in stage_configs]
+  if unknown:
+    raise ValueError(
+      f"--stages={','.join(names)}: unknown stage(s) {unknown}; the runs have {list(stage_configs)}"
+    )
   per_stage = {n: {**common, **settings.get(n, {})} for n in names}
   unknown = sorted(set(settings) - set(names))
   if unknown:
     raise ValueError(f"--set names stages {unknown}; the cascade has {names}")
-  workdirs = [d for d, _ in runs]
-  cascade = Cascade.from_workdir(workdirs, stages=names, settings=per_stage, max_batch=max_batch)
-  all_prompts = [p for p in prompts for _ in range(num_images)]
-  n = len(all_prompts)
+  # Every flag is checked, and the image read, before any checkpoint or text encoder is loaded.
+  first = _check_start(stage_configs, names, start_stage, init_image, strength)
   init = None
   if init_image:
-    init = np.repeat(_load_image(init_image), n, axis=0)
+    init = _load_image(init_image)
+    _check_init_size(init, init_image, first, strength)
+  workdirs = [d for d, _ in runs]
+  cascade = Cascade.from_workdir(
+    workdirs, stages=names, settings=per_stage, max_batch=max_batch, mesh=mesh
+  )
+  all_prompts = [p for p in prompts for _ in range(num_images)]
+  n = len(all_prompts)
+  if init is not None:
+    init = np.repeat(init, n, axis=0)
   out = cascade(
     all_prompts,
     seed=seed,
@@ -142,17 +224,21 @@ def run(
     strength=strength,
   )
   outdir = outdir or os.path.join(workdirs[0], "samples_cli")
-  os.makedirs(outdir, exist_ok=True)
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(outdir, exist_ok=True)
   files, final = [], []
   for name, images in out.items():
     for i, img in enumerate(metrics.to_uint8(images)):
       fname = f"{i:03d}_{name}.png"
-      Image.fromarray(img).save(os.path.join(outdir, fname))
+      if writer:
+        Image.fromarray(img).save(os.path.join(outdir, fname))
       files.append({"file": fname, "prompt": all_prompts[i], "stage": name, "index": i})
       if name == list(out)[-1]:
         final.append({"file": fname, "prompt": all_prompts[i]})
   grid_path = os.path.join(outdir, "grid.png")
-  Image.fromarray(_stage_grid(out)).save(grid_path)
+  if writer:
+    Image.fromarray(_stage_grid(out)).save(grid_path)
   stage_info = {
     s.name: {
       "image_size": s.image_size,
@@ -173,11 +259,13 @@ def run(
     "init_image": init_image,
     "strength": strength,
     "stages": stage_info,
+    "mesh": dict(cascade.mesh.shape),
     "images": final,  # final-stage images (what the shapes evaluator scores)
     "files": files,
   }
-  with open(os.path.join(outdir, "metadata.json"), "w") as f:
-    json.dump(meta, f, indent=2)
+  if writer:
+    with open(os.path.join(outdir, "metadata.json"), "w") as f:
+      json.dump(meta, f, indent=2)
   return {"outdir": outdir, "grid": grid_path, "images": files}
 
 

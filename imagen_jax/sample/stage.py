@@ -15,9 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax import diffusion
-
-SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
-THRESHOLDING = ("none", "static", "dynamic")
+from imagen_jax.diffusion import SAMPLERS, THRESHOLD_MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +43,8 @@ class SamplerSettings:
   def __post_init__(self):
     if self.sampler not in SAMPLERS:
       raise ValueError(f"sampler={self.sampler!r}; choose one of {SAMPLERS}")
-    if self.thresholding not in THRESHOLDING:
-      raise ValueError(f"thresholding={self.thresholding!r}; choose one of {THRESHOLDING}")
+    if self.thresholding not in THRESHOLD_MODES:
+      raise ValueError(f"thresholding={self.thresholding!r}; choose one of {THRESHOLD_MODES}")
     if int(self.steps) < 1:
       raise ValueError(f"steps must be >= 1, got {self.steps}")
     if self.guidance < 0:
@@ -74,6 +72,9 @@ def make_stage_sampler(
   """Returns a jitted ``sample(params, rng, text_emb, text_mask, null_emb, null_mask, x_T,
   lowres=None, t_start=1.0) -> x0 [B, H, W, C]``.
 
+  ``rng`` is a key or its raw data (``jax.random.key_data``: a plain uint32 array, which can be
+  placed on a multi-process mesh like any other input).
+
   ``null_emb``/``null_mask`` condition the unconditional branch: zeros + all-false mask (the
   training-time text dropout) or a negative prompt's embedding. ``t_start < 1`` starts from a
   noised image (img2img); it is static (each strength compiles once). ``progress_fn(step, x0)``
@@ -81,6 +82,8 @@ def make_stage_sampler(
   """
 
   def sample(params, rng, text_emb, text_mask, null_emb, null_mask, x_T, lowres=None, t_start=1.0):
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):  # raw key data (uint32 [2])
+      rng = jax.random.wrap_key_data(rng)
     rng_aug, rng_sample = jax.random.split(rng)
     extra = {}
     if lowres is not None:

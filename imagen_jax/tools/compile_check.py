@@ -15,7 +15,8 @@ XLA's memory analysis gives the per-device bytes. Printed per stage, per device:
   compile approximates a GPU's; use ``--topology`` with libtpu for TPU numbers);
 * ``total``: state + batch + temporaries — compare it with the accelerator's memory.
 
-``--devices N`` simulates N CPU devices (it sets ``XLA_FLAGS`` before JAX starts).
+``--devices N`` simulates N CPU devices (``jax_num_cpu_devices``, set before JAX starts its
+backends).
 """
 
 from __future__ import annotations
@@ -23,31 +24,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+
+from imagen_jax import config as config_lib
+from imagen_jax import sharding
+from imagen_jax.models.unet_config import UNetConfig
+from imagen_jax.stage import step as step_lib
+from imagen_jax.tools import cli
+from imagen_jax.tools.flops import text_encoder_config
+
 GiB = 2**30
-
-
-def _parse_mesh(text: str) -> dict[str, int]:
-  out = {}
-  for part in filter(None, text.split(",")):
-    name, _, size = part.partition("=")
-    if not size.lstrip("-").isdigit():
-      raise ValueError(f"--mesh expects name=size pairs like data=2,fsdp=4; got {part!r}")
-    out[name.strip()] = int(size)
-  return out
 
 
 def _devices(topology: str | None) -> list | None:
   if not topology:
     return None
-  try:
-    from jax.experimental import topologies
-  except ImportError as e:  # pragma: no cover - depends on the jax build
-    raise SystemExit(f"--topology needs jax.experimental.topologies: {e}") from e
   platform, _, shape = topology.partition(":")
   try:
     topo = topologies.get_topology_desc(platform=platform, topology_name=shape or platform)
@@ -73,17 +70,6 @@ def check_stage(
   ``batch_size``, ``grad_accum`` and ``remat`` override the stage's config (``remat``: the U-Net's
   rematerialisation, ``"block"`` to recompute activations inside each block).
   """
-  import jax
-  import jax.numpy as jnp
-
-  from imagen_jax import sharding
-  from imagen_jax.models.unet_config import UNetConfig
-  from imagen_jax.tools.flops import text_encoder_config
-  from imagen_jax.train import config as config_lib
-  from imagen_jax.train import model as model_lib
-  from imagen_jax.train import optim
-  from imagen_jax.train import step as step_lib
-
   stage = config.stages[name]
   if batch_size:
     stage.batch_size = int(batch_size)
@@ -96,10 +82,10 @@ def check_stage(
   # name), else the preset's (T5-XXL's 4096 in the paper presets).
   t5 = text_encoder_config(config.text.encoder)
   text_dim = t5.d_model if t5 else UNetConfig.from_preset(stage.model.preset).text_dim
-  model = model_lib.StageModel.create(stage, text_dim=text_dim, seed=config.seed)
-  tx, lr_schedule = optim.make_optimizer(stage.optimizer, stage.total_steps)
-  shardings = step_lib.state_shardings(model, tx, mesh, rules)
-  state = step_lib.abstract_state(model, tx, shardings)
+  program = step_lib.build_stage_program(
+    stage, text_dim=text_dim, seed=config.seed, mesh=mesh, rules=rules
+  )
+  model, shardings, state = program.model, program.shardings, program.abstract_state
 
   b, length, s = int(stage.batch_size), int(config.text.max_length), int(stage.image_size)
   crop = int(stage.crop_size) or s
@@ -116,18 +102,8 @@ def check_stage(
     k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh, len(shape)))
     for k, (shape, dt) in shapes.items()
   }
-  step_fn = step_lib.make_train_step(
-    model.apply, tx, lr_schedule, stage, model_lib.stage_schedule(stage)
-  )
-
-  def sharded_step(state, batch):
-    with sharding.use_rules(mesh, rules):
-      return step_fn(state, batch)
-
   t0 = time.time()
-  lowered = jax.jit(
-    sharded_step, out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0
-  ).lower(state, batch)
+  lowered = program.train_step.lower(state, batch)  # the trainer's own step, from shapes
   compiled = lowered.compile()
   seconds = time.time() - t0
   mem = compiled.memory_analysis()
@@ -174,7 +150,7 @@ def format_report(r: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+  parser.add_argument("--config", required=True, help="path/to/config.py[:arg] or a built-in name")
   parser.add_argument("--stage", default="", help="stage name (default: every stage)")
   parser.add_argument("--mesh", default="", help="mesh override, e.g. data=1,fsdp=8,tensor=1")
   parser.add_argument("--batch", type=int, default=0, help="global batch override")
@@ -183,21 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices")
   parser.add_argument("--topology", default="", help="compile for a TPU topology (libtpu)")
   parser.add_argument("--json", action="store_true", help="also print one JSON line per stage")
+  parser.add_argument("--debug", action="store_true", help=cli.DEBUG_HELP)
   args = parser.parse_args(argv)
-  if args.devices:
-    if "jax" in sys.modules:
-      raise SystemExit("--devices must be set before JAX is imported (run as a fresh process)")
-    flag = f"--xla_force_host_platform_device_count={args.devices}"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if args.devices:  # simulated CPU devices; JAX refuses this once its backends have started
+    if not os.environ.get("JAX_PLATFORMS"):
+      jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", args.devices)
 
-  from imagen_jax import sharding
-  from imagen_jax.tools.count_params import load_config
-  from imagen_jax.train import config as config_lib
-
-  config = load_config(args.config)
+  config = cli.load_config_flag(args.config)
   if args.mesh:
-    config.mesh.update(_parse_mesh(args.mesh))
+    config.mesh.update(sharding.parse_mesh(args.mesh))
   checked = config.copy_and_resolve_references()
   checked.data.path = checked.data.path or "unused"  # no data is read: only the model is checked
   checked.data.tfds_name = checked.data.tfds_name or "unused"
@@ -206,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   stages = [args.stage] if args.stage else config_lib.selected_stages(config)
   for name in stages:
     if name not in config.stages:
-      raise SystemExit(f"--stage {name!r} is not in the config; stages: {sorted(config.stages)}")
+      raise ValueError(f"--stage={name}: not in the config; stages: {sorted(config.stages)}")
+  for name in stages:
     report = check_stage(
       config,
       name,
@@ -222,4 +194,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_tool(main)

@@ -11,11 +11,8 @@ Prints one line per top-level module, then ``params: N`` as the last line. The c
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,17 +20,7 @@ from flax import nnx
 
 from imagen_jax.models.unet import build_unet
 from imagen_jax.models.unet_config import UNetConfig
-
-
-def load_config(spec: str) -> Any:
-  """Loads ``path/to/config.py[:arg]`` and returns ``get_config(arg)``."""
-  path, _, arg = spec.partition(":")
-  if not Path(path).is_file():
-    raise ValueError(f"config file not found: {path}")
-  module_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+from imagen_jax.tools import cli
 
 
 def unet_config(model: Mapping[str, Any]) -> UNetConfig:
@@ -67,10 +54,11 @@ def count_params(config: UNetConfig) -> tuple[int, dict[str, int]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+  parser.add_argument("--config", required=True, help="path/to/config.py[:arg] or a built-in name")
+  parser.add_argument("--debug", action="store_true", help=cli.DEBUG_HELP)
   args = parser.parse_args(argv)
   total = 0
-  for stage, cfg in model_configs(load_config(args.config)).items():
+  for stage, cfg in model_configs(cli.load_config_flag(args.config)).items():
     n, breakdown = count_params(cfg)
     total += n
     print(f"[{stage}] preset {cfg.name} ({cfg.kind}, {cfg.image_size}²): {n:,}")
@@ -81,4 +69,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_tool(main)

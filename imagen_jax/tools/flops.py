@@ -53,12 +53,13 @@ import argparse
 import collections
 import json
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from imagen_jax.models.t5 import T5Config
 from imagen_jax.models.unet_config import UNetConfig
+from imagen_jax.stage.model import unet_config_for_stage
+from imagen_jax.tools import cli
 
 CATEGORIES = ("conv", "dense", "attention", "resize")
 
@@ -231,7 +232,7 @@ def unet_flops_breakdown(
     raise ValueError(f"image_size {size} is not divisible by {cfg.total_downsampling}")
   n = _Counter(count_padding)
   mc, e, dc = cfg.model_channels, cfg.emb_dim, cfg.context_dim
-  # Text: LayerNorm + shared projection, then attention pooling (``TextConditioner``).
+  # Text: LayerNorm + shared projection, then attention pooling (``TextEmbedder``).
   n.dense(b * length, cfg.text_dim, dc)
   n.dense(b, dc, dc)  # pooling query
   n.dense(b * (1 + length), dc, 2 * dc)  # pooling k, v over [query token, text]
@@ -376,8 +377,6 @@ def text_encoder_config(encoder: str) -> T5Config | None:
 
 def stage_report(stage: Any, t5: T5Config | None, text_length: int, batch: int = 1) -> dict:
   """GFLOPs per image of one config stage: forward, train step and sampling (CFG, its steps)."""
-  from imagen_jax.train.model import unet_config_for_stage
-
   cfg = unet_config_for_stage(stage, t5.d_model if t5 else 4096)
   train_size = int(stage.crop_size or stage.image_size)
   kw = dict(text_length=text_length)
@@ -401,13 +400,12 @@ def stage_report(stage: Any, t5: T5Config | None, text_length: int, batch: int =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from imagen_jax.tools.count_params import load_config
-
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+  parser.add_argument("--config", required=True, help="path/to/config.py[:arg] or a built-in name")
   parser.add_argument("--text_length", type=int, default=0, help="default: config.text.max_length")
+  parser.add_argument("--debug", action="store_true", help=cli.DEBUG_HELP)
   args = parser.parse_args(argv)
-  config = load_config(args.config)
+  config = cli.load_config_flag(args.config)
   t5 = text_encoder_config(config.text.encoder)
   length = args.text_length or int(config.text.max_length)
   print(
@@ -432,4 +430,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_tool(main)

@@ -14,11 +14,15 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+
+from imagen_jax.checkpoint import saved_state_metadata
+from imagen_jax.tools import cli
 
 
 def tree_digest(tree: Any) -> str:
@@ -56,10 +60,6 @@ def _step_dirs(path: str) -> list[tuple[str, str]]:
 
 def load_state(step_dir: str) -> dict:
   """The saved train state of one step directory as host numpy arrays (no devices needed)."""
-  import orbax.checkpoint as ocp
-
-  from imagen_jax.checkpoint import saved_state_metadata
-
   ckptr = ocp.PyTreeCheckpointer()
   path = os.path.join(step_dir, "state")
   meta = saved_state_metadata(step_dir)
@@ -87,14 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     description=__doc__, formatter_class=argparse.RawTextHelpFormatter
   )
   parser.add_argument("path", help="run workdir, stage directory, or checkpoint step directory")
+  parser.add_argument("--debug", action="store_true", help=cli.DEBUG_HELP)
   args = parser.parse_args(argv)
-  from absl import logging as absl_logging
-
   absl_logging.set_verbosity(absl_logging.ERROR)
   found = _step_dirs(args.path)
   if not found:
-    print(f"error: no checkpoint under {args.path}", file=sys.stderr)
-    return 1
+    raise FileNotFoundError(
+      f"no checkpoint under {args.path}: pass a run workdir, a stage directory or a checkpoint "
+      "step directory"
+    )
   for stage, step_dir in found:
     info = inspect(step_dir)
     print(f"stage: {stage}")
@@ -104,4 +105,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_tool(main)

@@ -1,4 +1,4 @@
-"""Training: configs, the train step, and ``train_and_evaluate`` (the loop over cascade stages)."""
+"""Training: ``train_and_evaluate`` (the loop over cascade stages) and its data iterators."""
 
 from imagen_jax.train.trainer import NonFiniteError, train_and_evaluate
 

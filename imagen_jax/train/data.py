@@ -8,20 +8,18 @@ import jax
 import ml_collections
 import numpy as np
 
-from imagen_jax.data import pipeline, sources
+from imagen_jax.data import pipeline, shapes, sources
 
 
 def make_source(config: ml_collections.ConfigDict) -> Any:
   """The random-access source named by ``config.data.source``."""
   d = config.data
   if d.source == "shapes":
-    from imagen_jax.data.shapes import ShapesSource
-
     # The largest stage resolution is rendered; lower stages and low-res inputs are downsampled
     # from it by the pipeline, so every stage sees the same scenes.
     size = max(int(config.stages[n].image_size) for n in config.stage_order)
     kwargs = {"length": int(d.shapes_length)} if d.shapes_length else {}
-    return ShapesSource(
+    return shapes.ShapesSource(
       seed=config.seed, image_size=size, two_object_prob=d.shapes_two_object_prob, **kwargs
     )
   if d.source == "folder":
@@ -85,8 +83,6 @@ def eval_lowres(config: ml_collections.ConfigDict, stage: Any, prompts: list[str
   """
   s = int(stage.lowres_size)
   if config.data.source == "shapes":
-    from imagen_jax.data import shapes
-
     rng = np.random.default_rng(config.seed)
     imgs = [shapes.render(shapes.scene_from_spec(shapes.parse_caption(p), rng), s) for p in prompts]
     return np.stack(imgs).astype(np.float32) / 127.5 - 1.0

@@ -18,23 +18,22 @@ import json
 import logging
 import os
 import time
-import zlib
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from imagen_jax import checkpoint as ckpt_lib
+from imagen_jax import config as config_lib
 from imagen_jax import metrics, sharding
+from imagen_jax.evaluators.shapes import ShapesAlignmentEvaluator
 from imagen_jax.sample.stage import SamplerSettings, make_stage_sampler
-from imagen_jax.train import config as config_lib
+from imagen_jax.stage import step as step_lib
+from imagen_jax.stage.text_cond import TextEmbedder, build_text_embedder
 from imagen_jax.train import data as data_lib
-from imagen_jax.train import model as model_lib
-from imagen_jax.train import optim
-from imagen_jax.train import step as step_lib
-from imagen_jax.train.text_cond import TextConditioner, build_text_conditioner
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def train_and_evaluate(
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  text = build_text_conditioner(config, workdir, shardings=(mesh, rules))
+  text = build_text_embedder(config, workdir, shardings=(mesh, rules))
   summaries = {}
   for name in config_lib.selected_stages(config):
     summaries[name] = train_stage(config, name, workdir, text, mesh=mesh, rules=rules)
@@ -97,7 +96,7 @@ def train_stage(
   config: ml_collections.ConfigDict,
   name: str,
   workdir: str,
-  text: TextConditioner,
+  text: TextEmbedder,
   *,
   mesh: jax.sharding.Mesh,
   rules: sharding.Rules,
@@ -108,19 +107,12 @@ def train_stage(
   log.info("==== stage %s: %s at %d² ====", name, stage.model.preset, stage.image_size)
   _check_batch_fits_mesh(stage, mesh)
 
-  # ---- 1. Model, optimizer, state (from shapes, materialised into their shardings) ------------
-  model = model_lib.StageModel.create(stage, text_dim=text.d_model, seed=config.seed)
-  schedule = model_lib.stage_schedule(stage)
-  tx, lr_schedule = optim.make_optimizer(stage.optimizer, stage.total_steps)
-  # crc32, not hash(): Python salts str hashes per process, which would break exact resume.
-  rng = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(name.encode()) % (2**31))
-  state_sharding = step_lib.state_shardings(model, tx, mesh, rules)
-  init = jax.jit(lambda p: step_lib.init_state(p, tx, rng), out_shardings=state_sharding)
-  state = init(jax.jit(model.init_params, out_shardings=state_sharding["params"])())
-  abstract_state = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  # ---- 1. Model, optimizer, shardings, the jitted step (from shapes: nothing allocated yet) ----
+  program = step_lib.build_stage_program(
+    stage, text_dim=text.d_model, seed=config.seed, mesh=mesh, rules=rules
   )
-  per_device, total = sharding.bytes_per_device(state_sharding, abstract_state)
+  model, schedule = program.model, program.schedule
+  per_device, total = sharding.bytes_per_device(program.shardings, program.abstract_state)
   log.info(
     "Stage %s: %d params; train state %.1f MiB per device of %.1f MiB",
     name,
@@ -128,12 +120,6 @@ def train_stage(
     per_device / 2**20,
     total / 2**20,
   )
-  step_fn = step_lib.make_train_step(model.apply, tx, lr_schedule, stage, schedule)
-
-  def sharded_step(state, batch):
-    with sharding.use_rules(mesh, rules):  # activates constrain() while tracing
-      return step_fn(state, batch)
-
   # T5 outputs are laid out by the compiler; pin every batch input to the batch sharding so the
   # step's input layout is fixed (one compilation, the same program tools.compile_check builds).
   to_batch_sharding = jax.jit(
@@ -142,27 +128,26 @@ def train_stage(
       for k, v in b.items()
     }
   )
-  train_step = jax.jit(
-    sharded_step,
-    out_shardings=(state_sharding, sharding.replicated(mesh)),
-    donate_argnums=0,
-  )
+  train_step = program.train_step
 
   # ---- 2. Data ---------------------------------------------------------------------------------
   data_iter = data_lib.make_train_iterator(config, stage, text)
 
-  # ---- 3. Restore: (a) own checkpoint, (b) init_from, (c) scratch ------------------------------
+  # ---- 3. State: (a) own checkpoint, (b) init_from, (c) scratch ----------------------------------
+  # A resume reads straight into the abstract state's shardings: no random state is built first,
+  # so the peak memory of a resume is one train state, not two.
   ckpt = ckpt_lib.Checkpointer(
     os.path.join(stage_dir, "checkpoints"), save_every=stage.ckpt_every, keep=stage.keep_ckpts
   )
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(abstract_state, data_iter=data_iter)
+    state = ckpt.restore(program.abstract_state, data_iter=data_iter)
     log.info("Resumed stage %s from step %d", name, int(state["step"]))
   elif stage.init_from or config.init_from:
     src = _init_from_path(stage.init_from or config.init_from, name)
-    params = ckpt_lib.restore_params(src, abstract_state["params"])
-    state = init(params)
+    state = program.initial_state(ckpt_lib.restore_params(src, program.abstract_state["params"]))
     log.info("Initialised stage %s from %s", name, src)
+  else:
+    state = program.initial_state()
   start = int(state["step"])
 
   # ---- 4. Loop ---------------------------------------------------------------------------------
@@ -263,8 +248,6 @@ class _StageEvaluator:
     self.evaluator = None
     n = stage.num_eval_samples
     if config.data.source == "shapes" and config.evals.shapes_alignment:
-      from imagen_jax.evaluators.shapes import ShapesAlignmentEvaluator
-
       self.evaluator = ShapesAlignmentEvaluator(
         prompts=list(config.evals.prompts) or None, num_prompts=config.evals.num_prompts, seed=0
       )
@@ -287,8 +270,6 @@ class _StageEvaluator:
     if images.is_fully_addressable:
       images = np.asarray(jax.device_get(images))
     else:
-      from jax.experimental import multihost_utils
-
       images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
     results = {}
     if self.evaluator is not None:

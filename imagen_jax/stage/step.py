@@ -1,4 +1,4 @@
-"""The train state and one jitted, donated training step for a cascade stage.
+"""The train state and the one jitted, donated, sharded training step of a cascade stage.
 
 The state is a plain pytree (checkpointed as-is by Orbax)::
 
@@ -9,10 +9,16 @@ One step: text dropout (the CFG null condition), noise-conditioning augmentation
 image (SR stages), t ~ U(0, 1) and z_t = α_t x + σ_t ε, the objective's loss, gradients averaged
 over ``grad_accum`` micro-batches, a finite check (non-finite → the update is skipped and
 counted), the optimizer update and the EMA update.
+
+:func:`build_stage_program` is the one place that turns a stage config and a mesh into the model,
+optimizer, state shardings and the compiled step: the trainer runs it and
+``tools.compile_check`` lowers it, so both compile the same program by construction.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +27,8 @@ import jax.numpy as jnp
 import optax
 
 from imagen_jax import diffusion, sharding
-from imagen_jax.train import optim
+from imagen_jax.stage import optim
+from imagen_jax.stage.model import StageModel, stage_schedule
 
 NUM_T_BUCKETS = 4  # per-t-bucket loss: t in [0, .25), [.25, .5), [.5, .75), [.75, 1]
 
@@ -210,3 +217,81 @@ def make_train_step(
     return new_state, metrics
 
   return train_step
+
+
+def stage_rng(seed: int, name: str) -> jax.Array:
+  """The stage's training RNG: ``fold_in(key(seed), crc32(name))``.
+
+  crc32, not ``hash()``: Python salts str hashes per process, which would break exact resume.
+  """
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) % (2**31))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageProgram:
+  """Everything compiled about training one stage on a mesh, built from shapes only.
+
+  Attributes:
+    model: the stage's U-Net (static half + pure ``apply``).
+    schedule: its noise schedule.
+    tx: the optimizer; ``lr_schedule(step)`` its learning rate.
+    shardings: of the train state (params / EMA by logical axis names, moments like their
+      parameter, scalars replicated).
+    abstract_state: the train state as ``jax.ShapeDtypeStruct`` with those shardings: what a
+      checkpoint is restored into and what ``tools.compile_check`` compiles against.
+    train_step: jitted ``(state, batch) -> (state, metrics)``, the state donated; the batch is
+      split over ``data`` × ``fsdp`` (:func:`imagen_jax.sharding.batch_sharding`).
+  """
+
+  model: StageModel
+  schedule: diffusion.Schedule
+  tx: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  shardings: dict
+  abstract_state: dict
+  train_step: Callable[[dict, dict], tuple[dict, dict]]
+  rng: jax.Array
+
+  def initial_state(self, params: Any = None) -> dict:
+    """A fresh train state in its shardings: random params, or ``params`` (e.g. ``init_from``)."""
+    if params is None:
+      params = jax.jit(self.model.init_params, out_shardings=self.shardings["params"])()
+    init = jax.jit(lambda p: init_state(p, self.tx, self.rng), out_shardings=self.shardings)
+    return init(params)
+
+
+def build_stage_program(
+  stage: Any, *, text_dim: int, seed: int, mesh: jax.sharding.Mesh, rules: sharding.Rules
+) -> StageProgram:
+  """Model, optimizer, state shardings and the jitted sharded train step of ``stage`` on ``mesh``.
+
+  Args:
+    stage: ``config.stages.<name>``.
+    text_dim: width of the text embeddings (the encoder's ``d_model``).
+    seed: the run's ``config.seed`` (model init and the stage RNG).
+    mesh: the device mesh (:func:`imagen_jax.sharding.make_mesh`).
+    rules: logical axis rules (``config.logical_rules``).
+  """
+  model = StageModel.create(stage, text_dim=text_dim, seed=seed)
+  schedule = stage_schedule(stage)
+  tx, lr_schedule = optim.make_optimizer(stage.optimizer, stage.total_steps)
+  shardings = state_shardings(model, tx, mesh, rules)
+  step_fn = make_train_step(model.apply, tx, lr_schedule, stage, schedule)
+
+  def sharded_step(state, batch):
+    with sharding.use_rules(mesh, rules):  # activates constrain() while tracing
+      return step_fn(state, batch)
+
+  train_step = jax.jit(
+    sharded_step, out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0
+  )
+  return StageProgram(
+    model=model,
+    schedule=schedule,
+    tx=tx,
+    lr_schedule=lr_schedule,
+    shardings=shardings,
+    abstract_state=abstract_state(model, tx, shardings),
+    train_step=train_step,
+    rng=stage_rng(seed, stage.name),
+  )

@@ -18,22 +18,33 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import sentencepiece as spm
+from flax import nnx
+from jax.experimental import multihost_utils
+from transformers import T5Tokenizer
+
+from imagen_jax.data import shapes
+from imagen_jax.data.text_cache import EmbeddingCache
+from imagen_jax.models.t5 import T5Config, T5EncoderModule
+from imagen_jax.models.t5_loading import save_t5_encoder
+from imagen_jax.text import T5Encoder
 
 DEMO_ENCODER = "shapes_demo"
 
 
-class TextConditioner:
+class TextEmbedder:
   """Turns batches and prompts into ``(text_emb [B, L, D], text_mask [B, L])``."""
 
   def __init__(self, encoder: Any = None, cache: Any = None):
     if encoder is None and cache is None:
-      raise ValueError("TextConditioner needs a T5Encoder or an EmbeddingCache")
+      raise ValueError("TextEmbedder needs a T5Encoder or an EmbeddingCache")
     self.encoder, self.cache = encoder, cache
     if encoder is not None and cache is not None and encoder.d_model != cache.d_model:
       raise ValueError(
@@ -41,8 +52,6 @@ class TextConditioner:
         f"{encoder.d_model}: the cache was written by a different encoder"
       )
     self.d_model = int(encoder.d_model if encoder is not None else cache.d_model)
-    if encoder is not None:
-      self._encode = jax.jit(_zero_padded(encoder))
 
   def pipeline_kwargs(self) -> dict:
     """What the data pipeline adds to each batch: cached embeddings, else token ids."""
@@ -63,7 +72,7 @@ class TextConditioner:
       batch["text_mask"] = batch["text_mask"].astype(bool)
       return batch
     ids, mask = batch.pop("input_ids"), batch.pop("attention_mask").astype(bool)
-    batch["text_emb"] = self._encode(self.encoder.state, ids, mask)
+    batch["text_emb"] = self.encoder.encode(ids, mask, zero_padding=True)
     batch["text_mask"] = mask
     return batch
 
@@ -72,31 +81,19 @@ class TextConditioner:
     if self.encoder is not None:
       ids, mask = self.encoder.tokenize(list(prompts))
       ids, mask = np.asarray(ids), np.asarray(mask, bool)  # host values: same on every process
-      return self._encode(self.encoder.state, ids, mask), mask
+      return self.encoder.encode(ids, mask, zero_padding=True), mask
     emb, mask = self.cache.lookup(list(prompts))
     return np.asarray(emb), np.asarray(mask, bool)
 
 
-def _zero_padded(encoder):
-  graphdef = encoder.graphdef
-
-  def encode(state, ids, mask):
-    hidden = encoder.apply(graphdef, state, ids, mask)  # [B, L, D]
-    return jnp.where(mask[..., None], hidden, 0).astype(hidden.dtype)
-
-  return encode
-
-
-def build_text_conditioner(
+def build_text_embedder(
   config: ml_collections.ConfigDict, workdir: str, *, shardings: Any = None
-) -> TextConditioner:
+) -> TextEmbedder:
   """The conditioner for ``config.text`` (building the demo encoder in the workdir if asked).
 
   ``shardings`` places the T5 weights (e.g. ``(mesh, rules)``: FSDP-sharded T5-XXL), see
   :meth:`imagen_jax.text.T5Encoder.from_pretrained`.
   """
-  from imagen_jax.text import T5Encoder
-
   t = config.text
   dtype = jnp.bfloat16 if t.dtype == "bfloat16" else jnp.float32
   encoder = cache = None
@@ -114,29 +111,17 @@ def build_text_conditioner(
       t.encoder, dtype=dtype, max_length=t.max_length, shardings=shardings
     )
   if t.embedding_cache:
-    from imagen_jax.tools.encode_texts import EmbeddingCache
-
     cache = EmbeddingCache(t.embedding_cache)
-  return TextConditioner(encoder, cache)
+  return TextEmbedder(encoder, cache)
 
 
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
     multihost_utils.sync_global_devices(name)
 
 
 def write_demo_encoder(path: str, *, seed: int = 0, max_length: int = 16) -> str:
   """Writes the shapes demo text encoder (tokenizer + random tiny T5) in Hugging Face format."""
-  import sentencepiece as spm
-  from flax import nnx
-  from transformers import T5Tokenizer
-
-  from imagen_jax.data import shapes
-  from imagen_jax.models.t5 import T5Config, T5EncoderModule
-  from imagen_jax.models.t5_loading import save_t5_encoder
-
   os.makedirs(path, exist_ok=True)
   words = shapes.vocabulary()
   corpus = [" ".join(words)] + shapes.all_single_object_captions()
@@ -161,8 +146,6 @@ def write_demo_encoder(path: str, *, seed: int = 0, max_length: int = 16) -> str
   tok = T5Tokenizer.from_pretrained(raw, extra_ids=0)
   tok.model_max_length = max_length
   tok.save_pretrained(path)
-  import shutil
-
   shutil.rmtree(raw)
   cfg = T5Config(
     vocab_size=len(tok),

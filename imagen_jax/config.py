@@ -1,20 +1,28 @@
-"""Training config schema: defaults for a run and for each cascade stage, and their validation.
+"""Run config schema: defaults for a run and for each cascade stage, validation, and loading.
 
 ``configs/*.py`` files build on :func:`run_config` and :func:`stage_config`, so every config has the
 same fields and every field has one documented default. A run trains the stages named in
-``config.stage_order`` in turn; each stage writes to ``workdir/<stage name>/``.
+``config.stage_order`` in turn; each stage writes to ``workdir/<stage name>/``. The same config
+(saved as ``config.json`` in the workdir) tells the sampler how to rebuild each stage.
+
+:func:`load_config` reads ``path/to/config.py[:arg]`` or a built-in config by name
+(``shapes:ci``, ``base64:tiny``): the repository's ``configs/`` ships in the wheel as
+``imagen_jax.configs``.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
 from typing import Any
 
 import ml_collections
 
 from imagen_jax import sharding
+from imagen_jax.diffusion import PRED_TYPES
 
 SOURCES = ("shapes", "folder", "manifest", "tfds")
-OBJECTIVES = ("eps", "x0", "v")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -147,8 +155,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in selected_stages(config):
     s = config.stages[name]
     where = f"config.stages.{name}"
-    if s.objective not in OBJECTIVES:
-      raise ValueError(f"{where}.objective={s.objective!r}; choose one of {OBJECTIVES}")
+    if s.objective not in PRED_TYPES:
+      raise ValueError(f"{where}.objective={s.objective!r}; choose one of {PRED_TYPES}")
     if s.compute_dtype not in DTYPES:
       raise ValueError(f"{where}.compute_dtype={s.compute_dtype!r}; choose one of {DTYPES}")
     for field in ("batch_size", "total_steps", "grad_accum", "ckpt_every", "log_every"):
@@ -238,3 +246,52 @@ def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], .
     name, axes = entry
     out.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
   return tuple(out)
+
+
+def builtin_configs_dir() -> Path:
+  """The directory of the built-in configs: ``imagen_jax.configs`` (the repository's ``configs/``).
+
+  Installed, the wheel maps ``configs/`` to the package ``imagen_jax.configs``; run from a source
+  checkout without installing, it is the ``configs/`` beside the package.
+  """
+  spec = importlib.util.find_spec("imagen_jax.configs")
+  if spec is not None and spec.submodule_search_locations:
+    return Path(next(iter(spec.submodule_search_locations)))
+  return Path(__file__).resolve().parent.parent / "configs"
+
+
+def builtin_config_names() -> list[str]:
+  """Names accepted by :func:`resolve_config` (``shapes``, ``base64``, ``sr256``, ``sr1024``)."""
+  return sorted(p.stem for p in builtin_configs_dir().glob("*.py") if not p.stem.startswith("_"))
+
+
+def resolve_config(spec: str) -> str:
+  """``path.py[:arg]`` or ``name[:arg]`` → ``/abs/path.py[:arg]``.
+
+  A path that exists wins; otherwise a bare name (no ``/``, ``.py`` optional) is looked up among
+  the built-in configs, so ``--config=shapes:ci`` works from any directory once installed.
+
+  Raises:
+    ValueError: neither a config file nor a built-in name (the message lists the names).
+  """
+  path, sep, arg = str(spec).partition(":")
+  if os.path.isfile(path):
+    return os.path.abspath(path) + sep + arg
+  name = path[: -len(".py")] if path.endswith(".py") else path
+  name = name[len("configs/") :] if name.startswith("configs/") else name
+  candidate = builtin_configs_dir() / f"{name}.py"
+  if name and os.sep not in name and "/" not in name and candidate.is_file():
+    return str(candidate) + sep + arg
+  raise ValueError(
+    f"--config={spec}: no config file {path!r} and no built-in config of that name; use "
+    f"path/to/config.py[:arg] or one of {builtin_config_names()} (e.g. --config=shapes:ci)"
+  )
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of ``path/to/config.py[:arg]`` or of a built-in config ``name[:arg]``."""
+  path, _, arg = resolve_config(spec).partition(":")
+  module_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
