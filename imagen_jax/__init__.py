@@ -22,6 +22,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
   "Cascade": "imagen_jax.sample.cascade",
   "to_pil": "imagen_jax.sample.cascade",
+  "PromptToPrompt": "imagen_jax.edit",
+  "prompt_to_prompt": "imagen_jax.edit",
   "T5Encoder": "imagen_jax.text",
   "load_config": "imagen_jax.config",
   "train_and_evaluate": "imagen_jax.train",

@@ -27,11 +27,11 @@ LAYERS: dict[str, int] = {
   "checkpoint": 4,
   "stage": 5,
   "sample": 6,
-  "edit": 6,
-  "evaluators": 7,
-  "train": 8,
-  "tools": 9,
-  "configs": 9,  # the built-in configs (the repository's configs/, shipped in the wheel)
+  "edit": 7,
+  "evaluators": 8,
+  "train": 9,
+  "tools": 10,
+  "configs": 10,  # the built-in configs (the repository's configs/, shipped in the wheel)
 }
 # Function-local imports are for optional heavy dependencies only.
 LAZY_OK = {"torch", "tensorflow_datasets"}

@@ -209,6 +209,14 @@ MISTAKES = {
   "sample_missing_prompts_file": _sample(
     "--prompts_file", RUN, "--prompts_file={tmp}/no_prompts.txt"
   ),
+  # sample.py's prompt-to-prompt flags.
+  "sample_edit_flag_without_edit_prompt": _sample("--edit_prompt", RUN, "--edit=refine"),
+  "sample_edit_of_two_prompts": _sample(
+    "--prompt", RUN, "--prompt=a red circle", "--prompt=a", "--edit_prompt=a blue circle"
+  ),
+  "sample_reweight_malformed": _sample(
+    "--reweight", RUN, "--prompt=a red circle", "--edit_prompt=a red circle", "--reweight=red"
+  ),
   # The tools.
   "compile_check_missing_config": _tool("compile_check", "--config", "--config={tmp}/no.py"),
   "compile_check_unknown_stage": _tool("compile_check", "--stage", CI, "--stage=nope"),

@@ -112,7 +112,7 @@ N_TFDS = 6
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-  import tensorflow_datasets as tfds  # a runtime dependency (pyproject), not optional
+  import tensorflow_datasets as tfds  # the [tfds] extra; [test] installs it
 
   root = tmp_path_factory.mktemp("tfds")
   src = root / "src"
@@ -121,7 +121,7 @@ def tfds_dir(tmp_path_factory):
 
   class ImagenJaxTinyCaptions(tfds.core.GeneratorBasedBuilder):
     # A one-part module name keeps tfds from resolving the builder's code path as a package
-    # resource (tests/ is a package), which needs `importlib_resources`, absent from this venv.
+    # resource (tests/ is a package), which needs the `importlib_resources` package.
     __module__ = "tiny_captions_builder"
     VERSION = tfds.core.Version("1.0.0")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.train_utils import ROOT, subprocess_env
+from tests.train_utils import ROOT, subprocess_env, two_stage_run
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -23,6 +23,7 @@ def test_notebooks_are_committed_without_outputs():
     "01_quickstart.ipynb",
     "02_train_on_your_images.ipynb",
     "03_real_t5_and_scale.ipynb",
+    "04_prompt_to_prompt.ipynb",
   ]
   for path in NOTEBOOKS:
     nb = nbformat.read(path, as_version=4)
@@ -47,6 +48,8 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
     TRANSFORMERS_OFFLINE="1",
     PYDEVD_DISABLE_FILE_VALIDATION="1",
   )
+  if path.stem == "04_prompt_to_prompt":
+    env["IMAGEN_JAX_RUN"] = str(two_stage_run())  # the shared 2-step run: no training here
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(
     nb,

@@ -111,8 +111,13 @@ def test_public_names():
   assert Cascade is cascade_cls and T5Encoder is encoder_cls
   assert load_config is config_lib.load_config
   assert callable(to_pil) and callable(train_and_evaluate)
+  from imagen_jax.edit.prompt_to_prompt import prompt_to_prompt as p2p_fn
+
+  assert imagen_jax.prompt_to_prompt is p2p_fn and imagen_jax.PromptToPrompt(mode="refine")
   assert set(imagen_jax.__all__) == {
     "Cascade",
+    "PromptToPrompt",
+    "prompt_to_prompt",
     "T5Encoder",
     "load_config",
     "to_pil",

@@ -39,6 +39,7 @@ def noise_augment(
   aug_level: float | Array | None = None,
   *,
   max_aug_level: float = 1.0,
+  eps: Array | None = None,
 ) -> tuple[Array, Array]:
   """Corrupts the low-res conditioning image with the forward process at t = ``aug_level``.
 
@@ -56,6 +57,8 @@ def noise_augment(
     schedule: the schedule mapping the level to a log-SNR (or its name).
     aug_level: a float or ``[B]`` array in [0, 1], or ``None`` for random levels (training).
     max_aug_level: upper end of the random levels, in (0, 1].
+    eps: the noise ε, broadcastable to ``lowres`` (default: drawn from ``rng``); e.g. one row
+      shared by a batch of prompt-to-prompt edits.
 
   Returns:
     ``(noisy_lowres, aug_logsnr)`` with shapes ``[B, ...]`` and ``[B]``.
@@ -73,6 +76,8 @@ def noise_augment(
   level_rng, eps_rng = jax.random.split(rng)
   level = _aug_levels(level_rng, lowres.shape[0], aug_level, max_aug_level)  # [B]
   aug_logsnr = schedule(level)  # [B]
-  eps = jax.random.normal(eps_rng, lowres.shape, lowres.dtype)
+  if eps is None:
+    eps = jax.random.normal(eps_rng, lowres.shape, lowres.dtype)
+  eps = jnp.broadcast_to(jnp.asarray(eps, lowres.dtype), lowres.shape)
   noisy = gaussian.q_sample(lowres, aug_logsnr, eps).astype(lowres.dtype)
   return noisy, aug_logsnr

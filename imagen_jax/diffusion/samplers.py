@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,8 @@ SAMPLE_STATIC_ARGNAMES = (
   "t_end",
   "progress_fn",
   "progress_x0",
+  "after_step",
+  "shared_noise",
 )
 
 
@@ -153,7 +156,10 @@ def sample(
   t_end: float = 0.0,
   progress_fn: Callable[[Array, Array], None] | None = None,
   progress_x0: bool = True,
-) -> Array:
+  state: Any = None,
+  after_step: Callable[[Array, Array, Any], Array] | None = None,
+  shared_noise: bool = False,
+) -> Array | tuple[Array, Any]:
   """Runs a whole sampler as one ``lax.fori_loop`` and returns x̂0.
 
   Args:
@@ -177,9 +183,19 @@ def sample(
       supported on more than one device.
     progress_x0: pass x̂0 to ``progress_fn`` (``False`` passes ``None``: a progress bar then
       costs no device-to-host copy of the images).
+    state: optional pytree of arrays carried through the loop (e.g. prompt-to-prompt's
+      aggregated attention maps). With it, the model is called as
+      ``model_fn(x_t, t, step, state) -> (pred, state)`` (``step`` is the traced int32 step
+      index, so step-dependent behaviour never recompiles) and ``sample`` returns
+      ``(x0, state)``.
+    after_step: optional ``after_step(step, x_next, state) -> x_next``, applied to every
+      step's result (the last step's is x̂0), e.g. prompt-to-prompt's local blending; needs
+      ``state``.
+    shared_noise: draw one noise row per step and give it to every batch row (edits of one
+      source image share its noise, so rows with equal inputs stay bit-identical).
 
   Returns:
-    The sample x̂0, with the shape and dtype of ``x_T``.
+    The sample x̂0, with the shape and dtype of ``x_T`` (and the final ``state`` if given).
 
   Raises:
     ValueError: an invalid argument (checked before the loop is traced), or a ``model_fn``
@@ -192,14 +208,21 @@ def sample(
   """
   _check_config(model_fn, x_T, rng, sampler, steps, pred_type, eta, t_start, t_end, progress_fn)
   check_threshold(thresholding, percentile)
+  if after_step is not None and state is None:
+    raise ValueError("after_step needs state (it is called as after_step(step, x_next, state))")
+  stateful = state is not None
   schedule = as_schedule(schedule)
   x_T = jnp.asarray(x_T)
   batch, dtype = x_T.shape[0], x_T.dtype
   ts = time_grid(steps, t_start, t_end)  # [N + 1]
   logsnrs = schedule(ts)  # [N + 1]
 
-  def denoise(i, x):
-    pred = model_fn(x, jnp.full((batch,), ts[i], jnp.float32))
+  def denoise(i, x, state):
+    t = jnp.full((batch,), ts[i], jnp.float32)
+    if stateful:
+      pred, state = model_fn(x, t, jnp.asarray(i, jnp.int32), state)
+    else:
+      pred = model_fn(x, t)
     if tuple(pred.shape) != tuple(x.shape):
       raise ValueError(
         f"model_fn output has shape {tuple(pred.shape)}, but x_T has shape {tuple(x.shape)}"
@@ -210,14 +233,17 @@ def sample(
       eps = gaussian.eps_from_x0(x0, x, logsnrs[i])  # keep x_t = α x̂0 + σ ε̂ after clipping
     if progress_fn is not None:
       jax.debug.callback(progress_fn, i, x0 if progress_x0 else None)
-    return x0, eps
+    return x0, eps, state
 
   def noise(i):
-    return jax.random.normal(jax.random.fold_in(rng, i), x_T.shape, dtype)
+    key = jax.random.fold_in(rng, i)
+    if shared_noise:  # one row for the whole batch: [1, ...] broadcast to [B, ...]
+      return jnp.broadcast_to(jax.random.normal(key, (1, *x_T.shape[1:]), dtype), x_T.shape)
+    return jax.random.normal(key, x_T.shape, dtype)
 
   def body(i, carry):
-    x, aux = carry
-    x0, eps = denoise(i, x)
+    x, aux, state = carry
+    x0, eps, state = denoise(i, x, state)
     lt, ls = logsnrs[i], logsnrs[i + 1]
     if sampler == "ancestral":
       x_next = ancestral_step(x, x0, lt, ls, noise(i))
@@ -228,8 +254,10 @@ def sample(
       x_next, h = dpmpp_2m_step(x, x0, x0_prev, lt, ls, h_prev, i == 0)
       aux = (x0.astype(dtype), h)
     x_next = jnp.where(i == steps - 1, x0, x_next)  # the last step returns x̂0
-    return x_next.astype(dtype), aux
+    if after_step is not None:
+      x_next = after_step(jnp.asarray(i, jnp.int32), x_next, state)
+    return x_next.astype(dtype), aux, state
 
   aux0 = (jnp.zeros_like(x_T), jnp.zeros((), jnp.float32)) if sampler == "dpmpp_2m" else ()
-  x0, _ = jax.lax.fori_loop(0, steps, body, (x_T, aux0))
-  return x0
+  x0, _, state = jax.lax.fori_loop(0, steps, body, (x_T, aux0, state if stateful else ()))
+  return (x0, state) if stateful else x0

@@ -10,10 +10,14 @@ Design:
 
 * A controller is a plain Python object used **at trace time**. Each attention layer that sees
   text asks ``controller.wants(site)``; if so it computes its probabilities explicitly and calls
-  ``controller(site, probs, hw=(h, w))`` with ``probs`` ``[B, heads, h*w, L]``: the float32 softmax
-  weights on the L text tokens. In layers where text is concatenated to the self-attention keys
-  (§2.5) these are the text columns of the joint softmax (they sum to <= 1 per query); the image
-  columns are left as they were. The controller returns the replacement, same shape.
+  ``controller.edit(site, image_probs, text_probs, hw=(h, w))``. ``text_probs``
+  ``[B, heads, h*w, L]`` are the float32 softmax weights of every query pixel on the L text
+  tokens ("cross" attention). In layers where text is concatenated to the self-attention keys
+  (§2.5) they are the text columns of the joint softmax (they sum to <= 1 per query) and
+  ``image_probs`` ``[B, heads, h*w, h*w]`` are its image columns ("self" attention; ``None`` in
+  text-only layers); each row of the two together sums to 1. ``edit`` returns both
+  replacements, same shapes; the default ``edit`` hands ``text_probs`` to
+  ``controller(site, text_probs, hw=hw)`` and leaves the image columns alone.
 * Returning the very array it received (``return probs``) means "read only": the layer then keeps
   the fused attention output (``layers._xla_attention`` or cuDNN), so reading never changes the
   numerics. Any
@@ -59,6 +63,25 @@ class AttentionController:
     """
     del site, hw
     return probs
+
+  def edit(
+    self,
+    site: str,
+    image_probs: jax.Array | None,
+    text_probs: jax.Array,
+    *,
+    hw: tuple[int, int],
+  ) -> tuple[jax.Array | None, jax.Array]:
+    """Returns ``(image_probs, text_probs)`` to use; returning the inputs themselves reads only.
+
+    Args:
+      site: layer name.
+      image_probs: the image columns ``[B, heads, h*w, h*w]`` of a joint self-attention softmax,
+        or ``None`` in a text-only cross-attention layer.
+      text_probs: the text columns ``[B, heads, h*w, L]``.
+      hw: the layer's spatial shape.
+    """
+    return image_probs, self(site, text_probs, hw=hw)
 
   def outputs(self) -> dict[str, jax.Array]:
     """Arrays to hand back from the traced forward (returned as the U-Net's ``aux``)."""

@@ -297,13 +297,20 @@ class ResBlock(nnx.Module):
 # Attention.
 
 
-def _explicit_probs(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """Softmax attention probabilities in float32. [B, T, N, D] x [B, S, N, D] -> [B, N, T, S]."""
-  logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
-  logits = logits * (q.shape[-1] ** -0.5)
+def _attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Softmax probabilities in float32, heads-major. [B, T, N, D] x [B, S, N, D] -> [B, N, T, S]."""
+  qh, kh = jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2)  # [B, N, T|S, D]
+  logits = jnp.einsum("bntd,bnsd->bnts", qh, kh, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(q.shape[-1] ** -0.5)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(logits, axis=-1)
+
+
+def _attend(probs: jax.Array, v: jax.Array) -> jax.Array:
+  """Weighted values. probs [B, N, T, S] x v [B, S, N, D] -> [B, T, N, D]."""
+  vh = jnp.swapaxes(v, 1, 2)  # [B, N, S, D]
+  return jnp.swapaxes(jnp.einsum("bnts,bnsd->bntd", probs.astype(v.dtype), vh), 1, 2)
 
 
 def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -313,15 +320,10 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | N
   softmax, probabilities cast to the value dtype), but with the heads moved next to the batch
   before the products. jax's version goes through a grouped-query 5-D einsum whose gradient is
   about 2x slower on CPU (bench/RESULTS.md: 36 vs 17 ms for one 16² layer's backward at batch 8),
-  which made attention ~40% of a small U-Net's train step.
+  which made attention ~40% of a small U-Net's train step. The controlled (explicit) path uses
+  the same two functions, so unchanged probabilities give bit-identical outputs.
   """
-  qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, N, T|S, D]
-  logits = jnp.einsum("bntd,bnsd->bnts", qh, kh, preferred_element_type=jnp.float32)
-  logits = logits * jnp.float32(q.shape[-1] ** -0.5)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.swapaxes(jnp.einsum("bnts,bnsd->bntd", probs, vh), 1, 2)
+  return _attend(_attention_probs(q, k, mask), v)
 
 
 class Attention(nnx.Module):
@@ -413,18 +415,19 @@ class Attention(nnx.Module):
     return constrain(x + out.astype(x.dtype), ACT_BHWC)
 
   def _controlled(self, q, k, v, mask, fused, n_img, hw, controller):
-    """Explicit-probability attention handing the text part to ``controller``.
+    """Explicit-probability attention handing the probabilities to ``controller.edit``.
 
-    A controller that only reads (returns the very array it was given) keeps the fused output, so
+    A controller that only reads (returns the very arrays it was given) keeps the fused output, so
     reading maps never perturbs the numerics (bit-identical to no controller).
     """
-    probs = _explicit_probs(q, k, mask)  # [B, N, T, S] float32
+    probs = _attention_probs(q, k, mask)  # [B, N, T, S] float32
+    image_probs = probs[..., :n_img] if n_img else None  # [B, N, HW, HW] or None
     text_probs = probs[..., n_img:]  # [B, N, HW, L]
-    new = controller(self.site, text_probs, hw=hw)
-    if new is text_probs:
+    new_image, new_text = controller.edit(self.site, image_probs, text_probs, hw=hw)
+    if new_image is image_probs and new_text is text_probs:
       return fused
-    probs = jnp.concatenate([probs[..., :n_img], new.astype(jnp.float32)], axis=-1)
-    return jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v)
+    parts = ([new_image.astype(jnp.float32)] if n_img else []) + [new_text.astype(jnp.float32)]
+    return _attend(jnp.concatenate(parts, axis=-1) if n_img else parts[0], v)
 
 
 class TextConditioner(nnx.Module):

@@ -286,7 +286,37 @@ class Cascade:
     callback: Callable[[str, int, np.ndarray], None] | None = None,
     output_type: str = "np",
   ) -> dict[str, np.ndarray] | dict[str, list[Image.Image]]:
-    """Generates images for ``prompts`` through the stages.
+    """Generates images for ``prompts`` through the stages (see :meth:`generate` for the args)."""
+    images, _ = self.generate(
+      prompts,
+      seed=seed,
+      negative_prompts=negative_prompts,
+      settings=settings,
+      start_stage=start_stage,
+      init_image=init_image,
+      strength=strength,
+      progress=progress,
+      callback=callback,
+      output_type=output_type,
+    )
+    return images
+
+  def generate(
+    self,
+    prompts: Sequence[str],
+    *,
+    seed: int = 0,
+    negative_prompts: Sequence[str] | None = None,
+    settings: dict[str, dict] | None = None,
+    start_stage: str | None = None,
+    init_image: np.ndarray | None = None,
+    strength: float | None = None,
+    progress: bool = True,
+    callback: Callable[[str, int, np.ndarray], None] | None = None,
+    output_type: str = "np",
+    control: Any = None,
+  ) -> tuple[dict[str, np.ndarray] | dict[str, list[Image.Image]], dict[str, Any]]:
+    """Generates images for ``prompts`` through the stages, optionally steered by ``control``.
 
     Args:
       prompts: N prompts (``""`` = unconditional).
@@ -302,10 +332,15 @@ class Cascade:
       progress: a tqdm bar per stage.
       callback: ``callback(stage, step, x0_pred [N, H, W, 3])`` at every step.
       output_type: ``"np"`` (arrays) or ``"pil"`` (lists of ``PIL.Image``, see :func:`to_pil`).
+      control: steers every stage's sampling (e.g. a prompt-to-prompt
+        :class:`imagen_jax.edit.EditPlan`): ``control.for_stage(stage, settings, batch) ->
+        (static control, data)``, see :func:`make_stage_sampler`. All N prompts then run as one
+        batch (N ≤ ``max_batch``) from one shared noise (image 0's).
 
     Returns:
-      stage name → images ``[N, H, W, 3]`` float32 in [-1, 1] (or N PIL images), for every
-      stage run. In a multi-process run every process returns all N images.
+      ``(images, states)``: stage name → images ``[N, H, W, 3]`` float32 in [-1, 1] (or N PIL
+      images), for every stage run; stage name → the control's final state (host arrays, rows
+      cut to N; empty without ``control``). In a multi-process run every process returns all.
     """
     if output_type not in OUTPUT_TYPES:
       raise ValueError(f"output_type={output_type!r}; choose one of {OUTPUT_TYPES}")
@@ -320,6 +355,11 @@ class Cascade:
       raise ValueError(
         f"settings for unknown stages {unknown}; stages: {[s.name for s in self.stages]}"
       )
+    if control is not None and n > self.max_batch:
+      raise ValueError(
+        f"a controlled (edit) batch runs in one piece: {n} prompts exceed max_batch="
+        f"{self.max_batch}; raise max_batch or edit fewer prompts at once"
+      )
     stages, lowres, img2img = self._plan(n, start_stage, init_image, strength)
     per_stage = {s.name: self._settings(s, (settings or {}).get(s.name)) for s in stages}
     # Embeddings come back to the host once (every process holds the same values), then each
@@ -331,6 +371,7 @@ class Cascade:
       null_emb, null_mask = map(_to_host, self.text.encode_prompts(list(negative_prompts)))
     key = jax.random.key(seed)
     out: dict[str, np.ndarray] = {}
+    states: dict[str, Any] = {}
     for si, stage in enumerate(stages):
       cfg = per_stage[stage.name]
       start = img2img if (si == 0 and img2img is not None) else None
@@ -340,19 +381,20 @@ class Cascade:
       try:
         for lo in range(0, n, self.max_batch):
           hi = min(n, lo + self.max_batch)
-          images.append(
-            self._run_chunk(
-              stage, cfg, key, si, lo, hi, emb, mask, null_emb, null_mask, lowres, start
-            )
+          x0, state = self._run_chunk(
+            stage, cfg, key, si, lo, hi, emb, mask, null_emb, null_mask, lowres, start, control
           )
+          images.append(x0)
+          if state is not None:
+            states[stage.name] = state
       finally:
         bar.close()
         self._progress.update(bar=None, callback=None)
       lowres = np.concatenate(images)
       out[stage.name] = lowres
     if output_type == "pil":
-      return {name: to_pil(images) for name, images in out.items()}
-    return out
+      return {name: to_pil(images) for name, images in out.items()}, states
+    return out, states
 
   def _plan(self, n, start_stage, init_image, strength):
     names = [s.name for s in self.stages]
@@ -389,9 +431,11 @@ class Cascade:
       return stage.settings
     return dataclasses.replace(stage.settings, **overrides)  # validated in __post_init__
 
-  def _sampler(self, stage: CascadeStage, cfg: SamplerSettings, report: str | None) -> Callable:
+  def _sampler(
+    self, stage: CascadeStage, cfg: SamplerSettings, report: str | None, control: Any = None
+  ) -> Callable:
     """The jitted sampler; ``report``: None (no host callbacks), "steps" (the bar) or "x0"."""
-    key = (stage.name, cfg, report)
+    key = (stage.name, cfg, report, control)
     if key not in self._samplers:
       # Without a bar or callback no per-step host callback is compiled in: on accelerators it
       # would sync the device with the host at every step.
@@ -402,6 +446,7 @@ class Cascade:
         cfg,
         progress_fn=self._on_step if report else None,
         progress_x0=report == "x0",
+        control=control,
       )
     return self._samplers[key]
 
@@ -412,7 +457,9 @@ class Cascade:
     if cb is not None and x0 is not None:
       cb(self._progress["stage"], int(step), np.asarray(x0))
 
-  def _run_chunk(self, stage, cfg, key, si, lo, hi, emb, mask, null_emb, null_mask, lowres, start):
+  def _run_chunk(
+    self, stage, cfg, key, si, lo, hi, emb, mask, null_emb, null_mask, lowres, start, control
+  ):
     m = hi - lo
     bucket = _bucket(m, self.max_batch, self.batch_shards)
 
@@ -423,9 +470,10 @@ class Cascade:
     shape = (stage.image_size, stage.image_size, 3)
     # Per-image noise from (seed, image index): an image depends neither on its batch-mates nor
     # on the mesh. Drawn on the host side, identically in every process.
-    x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(
-      jnp.arange(lo, lo + bucket)
-    )
+    rows = jnp.arange(lo, lo + bucket)
+    if control is not None:  # edits start from the source's noise (image 0's)
+      rows = jnp.zeros_like(rows)
+    x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(rows)
     t_start = 1.0
     if start is not None:
       init, t_start = start
@@ -441,12 +489,19 @@ class Cascade:
     report = "x0" if self._progress["callback"] is not None else None
     if report is None and bar is not None and not bar.disable:
       report = "steps"
-    sampler = self._sampler(stage, cfg, report)
+    static, data = None, None
+    if control is not None:
+      static, data = control.for_stage(stage, cfg, bucket)
+      data = jax.tree.map(lambda a: self._put(np.asarray(a), sharding.replicated(self.mesh)), data)
+    sampler = self._sampler(stage, cfg, report, static)
     rng = jax.random.fold_in(jax.random.fold_in(key, 1_000_003 + si), lo)
     rng = self._put(np.asarray(jax.random.key_data(rng)), sharding.replicated(self.mesh))
     with sharding.use_rules(self.mesh, self.rules):  # activations constrained while tracing
-      x0 = sampler(stage.params, rng, *args, t_start=t_start)
-    return _to_host(x0)[:m]
+      if static is None:
+        return _to_host(sampler(stage.params, rng, *args, t_start=t_start))[:m], None
+      x0, state = sampler(stage.params, rng, *args, control_data=data, t_start=t_start)
+    state = jax.tree.map(lambda a: _to_host(a)[:m] if np.ndim(a) else _to_host(a), state)
+    return _to_host(x0)[:m], state
 
   def _put(self, x: np.ndarray, where: jax.sharding.NamedSharding) -> jax.Array:
     """A host array (the same in every process) as a global array on the mesh."""

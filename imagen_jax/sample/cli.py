@@ -156,6 +156,59 @@ def _check_init_size(image: np.ndarray, path: str, first: Any, strength: float |
     )
 
 
+@dataclasses.dataclass
+class Prepared:
+  """A loaded cascade and the checked inputs of one ``sample.py`` run."""
+
+  cascade: Cascade
+  workdirs: list[str]
+  init: np.ndarray | None  # [1, H, W, 3] in [-1, 1] (--init_image), not yet repeated
+
+
+def prepare(
+  *,
+  workdir: Workdirs,
+  settings: dict[str, dict] | None = None,
+  stages: Sequence[str] | None = None,
+  start_stage: str | None = None,
+  init_image: str | None = None,
+  strength: float | None = None,
+  max_batch: int = 16,
+  compilation_cache: str | None = None,
+  mesh: dict[str, int] | None = None,
+) -> Prepared:
+  """Checks every flag, reads ``--init_image``, then loads the cascade (in that order: a mistake
+  costs no checkpoint load)."""
+  if max_batch < 1:
+    raise ValueError(f"--max_batch must be >= 1, got {max_batch}")
+  if compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", compilation_cache)
+  settings = dict(settings or {})
+  common = settings.pop("*", {})
+  runs = load_run_configs(workdir)
+  stage_configs = {n: config.stages[n] for _, config in runs for n in config.stage_order}
+  names = list(stages or stage_configs)
+  unknown = [n for n in names if n not in stage_configs]
+  if unknown:
+    raise ValueError(
+      f"--stages={','.join(names)}: unknown stage(s) {unknown}; the runs have {list(stage_configs)}"
+    )
+  per_stage = {n: {**common, **settings.get(n, {})} for n in names}
+  unknown = sorted(set(settings) - set(names))
+  if unknown:
+    raise ValueError(f"--set names stages {unknown}; the cascade has {names}")
+  first = _check_start(stage_configs, names, start_stage, init_image, strength)
+  init = None
+  if init_image:
+    init = _load_image(init_image)
+    _check_init_size(init, init_image, first, strength)
+  workdirs = [d for d, _ in runs]
+  cascade = Cascade.from_workdir(
+    workdirs, stages=names, settings=per_stage, max_batch=max_batch, mesh=mesh
+  )
+  return Prepared(cascade, workdirs, init)
+
+
 def run(
   *,
   workdir: Workdirs,
@@ -183,39 +236,21 @@ def run(
   """
   if num_images < 1:
     raise ValueError(f"--num_images must be >= 1, got {num_images}")
-  if max_batch < 1:
-    raise ValueError(f"--max_batch must be >= 1, got {max_batch}")
-  if compilation_cache:
-    jax.config.update("jax_compilation_cache_dir", compilation_cache)
-  settings = dict(settings or {})
-  common = settings.pop("*", {})
-  runs = load_run_configs(workdir)
-  stage_configs = {n: config.stages[n] for _, config in runs for n in config.stage_order}
-  names = list(stages or stage_configs)
-  unknown = [n for n in names if n not in stage_configs]
-  if unknown:
-    raise ValueError(
-      f"--stages={','.join(names)}: unknown stage(s) {unknown}; the runs have {list(stage_configs)}"
-    )
-  per_stage = {n: {**common, **settings.get(n, {})} for n in names}
-  unknown = sorted(set(settings) - set(names))
-  if unknown:
-    raise ValueError(f"--set names stages {unknown}; the cascade has {names}")
-  # Every flag is checked, and the image read, before any checkpoint or text encoder is loaded.
-  first = _check_start(stage_configs, names, start_stage, init_image, strength)
-  init = None
-  if init_image:
-    init = _load_image(init_image)
-    _check_init_size(init, init_image, first, strength)
-  workdirs = [d for d, _ in runs]
-  cascade = Cascade.from_workdir(
-    workdirs, stages=names, settings=per_stage, max_batch=max_batch, mesh=mesh
+  prep = prepare(
+    workdir=workdir,
+    settings=settings,
+    stages=stages,
+    start_stage=start_stage,
+    init_image=init_image,
+    strength=strength,
+    max_batch=max_batch,
+    compilation_cache=compilation_cache,
+    mesh=mesh,
   )
   all_prompts = [p for p in prompts for _ in range(num_images)]
   n = len(all_prompts)
-  if init is not None:
-    init = np.repeat(init, n, axis=0)
-  out = cascade(
+  init = None if prep.init is None else np.repeat(prep.init, n, axis=0)
+  out = prep.cascade(
     all_prompts,
     seed=seed,
     negative_prompts=[negative_prompt] * n if negative_prompt is not None else None,
@@ -223,6 +258,31 @@ def run(
     init_image=init,
     strength=strength,
   )
+  meta = {
+    "seed": seed,
+    "negative_prompt": negative_prompt,
+    "start_stage": start_stage,
+    "init_image": init_image,
+    "strength": strength,
+  }
+  return write_outputs(out, all_prompts, prep, outdir, meta, grid=stage_grid(out))
+
+
+def write_outputs(
+  out: dict[str, np.ndarray],
+  prompts: Sequence[str],
+  prep: Prepared,
+  outdir: str | None,
+  meta: dict[str, Any],
+  *,
+  grid: np.ndarray,
+) -> dict[str, Any]:
+  """Writes every stage's PNGs, ``grid.png`` and ``metadata.json`` (process 0 only).
+
+  Returns:
+    ``{"outdir", "grid", "images": [{"file", "prompt", "stage", "index"}, ...]}``.
+  """
+  cascade, workdirs = prep.cascade, prep.workdirs
   outdir = outdir or os.path.join(workdirs[0], "samples_cli")
   writer = jax.process_index() == 0
   if writer:
@@ -233,12 +293,12 @@ def run(
       fname = f"{i:03d}_{name}.png"
       if writer:
         Image.fromarray(img).save(os.path.join(outdir, fname))
-      files.append({"file": fname, "prompt": all_prompts[i], "stage": name, "index": i})
+      files.append({"file": fname, "prompt": prompts[i], "stage": name, "index": i})
       if name == list(out)[-1]:
-        final.append({"file": fname, "prompt": all_prompts[i]})
+        final.append({"file": fname, "prompt": prompts[i]})
   grid_path = os.path.join(outdir, "grid.png")
   if writer:
-    Image.fromarray(_stage_grid(out)).save(grid_path)
+    Image.fromarray(grid).save(grid_path)
   stage_info = {
     s.name: {
       "image_size": s.image_size,
@@ -252,12 +312,9 @@ def run(
   meta = {
     "workdir": os.path.abspath(workdirs[0]),  # the first run (text encoder); all in "workdirs"
     "workdirs": [os.path.abspath(d) for d in workdirs],
-    "seed": seed,
-    "prompts": all_prompts,
-    "negative_prompt": negative_prompt,
-    "start_stage": start_stage,
-    "init_image": init_image,
-    "strength": strength,
+    "seed": meta.get("seed"),
+    "prompts": list(prompts),
+    **{k: v for k, v in meta.items() if k != "seed"},
     "stages": stage_info,
     "mesh": dict(cascade.mesh.shape),
     "images": final,  # final-stage images (what the shapes evaluator scores)
@@ -269,12 +326,16 @@ def run(
   return {"outdir": outdir, "grid": grid_path, "images": files}
 
 
-def _stage_grid(out: dict[str, np.ndarray]) -> np.ndarray:
-  """One row per image, one column per stage, every stage upscaled (nearest) to the last size."""
+def stage_grid(out: dict[str, np.ndarray], *, by_stage_rows: bool = False) -> np.ndarray:
+  """Every stage upscaled (nearest) to the last size; one row per image and one column per
+  stage, or (``by_stage_rows``: edits side by side) one row per stage, one column per image."""
   size = max(x.shape[1] for x in out.values())
   cols = []
   for images in out.values():
     k = size // images.shape[1]
     cols.append(np.repeat(np.repeat(metrics.to_uint8(images), k, axis=1), k, axis=2))
+  if by_stage_rows:
+    tiles = np.concatenate(cols)  # [stages * N, S, S, 3]
+    return metrics.image_grid(tiles, ncols=cols[0].shape[0])
   tiles = np.stack(cols, axis=1).reshape((-1, size, size, 3))  # [N * stages, S, S, 3]
   return metrics.image_grid(tiles, ncols=len(out))

@@ -17,6 +17,8 @@ from absl import flags
 from absl import logging as absl_logging
 
 from imagen_jax import sharding
+from imagen_jax.edit import cli as edit_cli
+from imagen_jax.edit.attention_edit import MODES, PromptToPrompt
 from imagen_jax.sample import cli as sample_cli
 from imagen_jax.tools import cli
 
@@ -58,7 +60,40 @@ _MULTIHOST = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+# Prompt-to-prompt editing (imagen_jax.edit): one --prompt (the source) and --edit_prompt(s).
+_EDIT_PROMPT = flags.DEFINE_multi_string(
+  "edit_prompt", None, "Prompt-to-prompt: an edited version of the one --prompt (repeatable)."
+)
+_EDIT = flags.DEFINE_enum("edit", "replace", MODES, "Edit: word swap, added words, reweight.")
+_CROSS = flags.DEFINE_float("cross_replace", 0.8, "Fraction of steps with the source's text maps.")
+_SELF = flags.DEFINE_float("self_replace", 0.4, "Fraction of steps with the source's self maps.")
+_REWEIGHT = flags.DEFINE_multi_string("reweight", [], "WORD:SCALE attention scale (repeatable).")
+_BLEND = flags.DEFINE_list("local_blend", None, "Words whose maps confine the edit: red,blue")
+_EDIT_STAGES = flags.DEFINE_list("edit_stages", None, "Stages that get the edit (default: all).")
+_MAPS = flags.DEFINE_bool("attention_maps", False, "Write per-word attention overlays (PNG).")
 flags.DEFINE_bool("debug", False, cli.DEBUG_HELP)
+_EDIT_ONLY = ("edit", "cross_replace", "self_replace", "reweight", "local_blend", "edit_stages")
+
+
+def _edit_settings() -> PromptToPrompt | None:
+  """The edit flags as settings (``None`` without ``--edit_prompt``); misuse fails fast."""
+  if not _EDIT_PROMPT.value:
+    used = [f"--{n}" for n in _EDIT_ONLY + ("attention_maps",) if flags.FLAGS[n].present]
+    if used:
+      raise ValueError(f"{', '.join(used)} need --edit_prompt (prompt-to-prompt editing)")
+    return None
+  if len(_PROMPT.value or []) != 1 or _PROMPTS_FILE.value:
+    raise ValueError("--edit_prompt edits exactly one --prompt (the source); pass one --prompt")
+  if _NUM.value != 1:
+    raise ValueError("--num_images does not apply to edits (source and edits share one noise)")
+  return PromptToPrompt(
+    mode=_EDIT.value,
+    cross_replace=_CROSS.value,
+    self_replace=_SELF.value,
+    reweight=edit_cli.parse_reweight(_REWEIGHT.value) or None,
+    local_blend=tuple(_BLEND.value) if _BLEND.value else None,
+    stages=tuple(_EDIT_STAGES.value) if _EDIT_STAGES.value else None,
+  )
 
 
 def main(argv: list[str]) -> None:
@@ -70,11 +105,9 @@ def main(argv: list[str]) -> None:
   mesh = sharding.parse_mesh(_MESH.value) or None
   if _MULTIHOST.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  prompts = sample_cli.read_prompts(_PROMPT.value, _PROMPTS_FILE.value, _WORKDIR.value)
-  paths = sample_cli.run(
+  edit = _edit_settings()
+  common = dict(
     workdir=_WORKDIR.value,
-    prompts=prompts,
-    num_images=_NUM.value,
     seed=_SEED.value,
     outdir=_OUTDIR.value,
     settings=settings,
@@ -87,9 +120,22 @@ def main(argv: list[str]) -> None:
     compilation_cache=_CACHE.value,
     mesh=mesh,
   )
+  if edit is not None:
+    paths = edit_cli.run(
+      source_prompt=_PROMPT.value[0],
+      edit_prompts=_EDIT_PROMPT.value,
+      edit=edit,
+      attention_maps=_MAPS.value,
+      **common,
+    )
+  else:
+    prompts = sample_cli.read_prompts(_PROMPT.value, _PROMPTS_FILE.value, _WORKDIR.value)
+    paths = sample_cli.run(prompts=prompts, num_images=_NUM.value, **common)
   if jax.process_index() != 0:
     return
   print(f"Wrote {len(paths['images'])} images, grid {paths['grid']}")
+  if paths.get("attention"):
+    print(f"Wrote {len(paths['attention'])} attention-map images")
   print(f"Images are in {paths['outdir']}")
 
 
