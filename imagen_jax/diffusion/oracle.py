@@ -67,3 +67,44 @@ def marginal_from_noise(z: Array, logsnr: Array, mean: Array, std: Array) -> Arr
   """Maps z ~ N(0, I) to x_t ~ N(α μ, α² s² + σ²), the exact marginal at ``logsnr`` ([B] or [])."""
   alpha, sigma = _scales(z, logsnr)
   return alpha * mean + jnp.sqrt(alpha**2 * std**2 + sigma**2) * z
+
+
+def correlated_pred(x_t: Array, logsnr: Array, mean: Array, cov: Array, pred_type: str) -> Array:
+  """The exact prediction for data x0 ~ N(μ, Σ) with a full covariance over the flattened
+  pixels (``mean`` ``[D]``, ``cov`` ``[D, D]``, ``x_t`` ``[B, ...]`` with D elements per row):
+
+    E[x0 | x_t] = μ + α Σ (α² Σ + σ² I)⁻¹ (x_t − α μ),  E[ε | x_t] = σ (α² Σ + σ² I)⁻¹ (x_t − α μ).
+
+  Solved in Σ's eigenbasis (Σ = Q diag(d) Qᵀ), where it is the diagonal oracle.
+  """
+  gaussian.check_pred_type(pred_type)
+  d, q = jnp.linalg.eigh(cov)
+  shape = x_t.shape
+  x = x_t.reshape(shape[0], -1) @ q  # [B, D] in the eigenbasis
+  logsnr = jnp.broadcast_to(jnp.asarray(logsnr), shape[:1])
+  pred = oracle_pred(x, logsnr, mean @ q, jnp.sqrt(jnp.maximum(d, 0.0)), pred_type)
+  return (pred @ q.T).reshape(shape)
+
+
+def mixture_pred(
+  x_t: Array, logsnr: Array, weights: Array, means: Array, stds: Array, pred_type: str
+) -> Array:
+  """The exact prediction for an isotropic Gaussian mixture x0 ~ Σ_k π_k N(μ_k, s_k² I)
+  (``weights`` ``[K]``, ``means`` ``[K, ...]`` like one row of ``x_t``, ``stds`` ``[K]``):
+  the posterior-weighted sum of the components' oracles,
+
+    E[x0 | x_t] = Σ_k p(k | x_t) E_k[x0 | x_t],   p(k | x_t) ∝ π_k N(x_t; α μ_k, (α² s_k² + σ²) I).
+  """
+  gaussian.check_pred_type(pred_type)
+  alpha, sigma = _scales(x_t, logsnr)  # [B, 1, ...]
+  dims = x_t[0].size
+  preds, logits = [], []
+  for k in range(means.shape[0]):
+    var = alpha**2 * stds[k] ** 2 + sigma**2  # [B, 1, ...]
+    sq = jnp.sum(((x_t - alpha * means[k]) ** 2 / var).reshape(x_t.shape[0], -1), axis=1)
+    logdet = dims * jnp.log(var.reshape(x_t.shape[0], -1)[:, 0])
+    logits.append(jnp.log(weights[k]) - 0.5 * (sq + logdet))
+    preds.append(oracle_pred(x_t, logsnr, means[k], stds[k], pred_type))
+  post = jax.nn.softmax(jnp.stack(logits, axis=0), axis=0)  # [K, B]
+  post = post.reshape(post.shape + (1,) * (x_t.ndim - 1))
+  return jnp.sum(post * jnp.stack(preds, axis=0), axis=0)

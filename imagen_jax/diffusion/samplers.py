@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from imagen_jax.diffusion import gaussian
+from imagen_jax.diffusion import gaussian, inpaint
 from imagen_jax.diffusion.guidance import check_threshold, threshold
 from imagen_jax.diffusion.schedules import Schedule, alpha_sigma, as_schedule
 
@@ -43,6 +43,8 @@ SAMPLE_STATIC_ARGNAMES = (
   "progress_x0",
   "after_step",
   "shared_noise",
+  "resample",
+  "jump",
 )
 
 
@@ -117,6 +119,54 @@ def dpmpp_2m_step(
   return (sigma_s / sigma_t) * x_t - alpha_s * jnp.expm1(-h) * d, h
 
 
+def denoise(
+  pred: Array, x_t: Array, logsnr: Array, pred_type: str, thresholding: str, percentile: float
+) -> tuple[Array, Array]:
+  """A model output → the thresholded (x̂0, ε̂) every sampler steps with (Imagen §2.3).
+
+  ε̂ is recomputed from the clipped x̂0 so that x_t = α x̂0 + σ ε̂ still holds.
+  """
+  x0, eps = gaussian.to_x0_eps(pred, x_t, logsnr, pred_type)
+  if thresholding != "none":
+    x0 = threshold(x0, thresholding, percentile)
+    eps = gaussian.eps_from_x0(x0, x_t, logsnr)
+  return x0, eps
+
+
+def solver_step(
+  sampler: str,
+  x_t: Array,
+  x0: Array,
+  eps: Array,
+  aux: Any,
+  logsnr_t: Array,
+  logsnr_s: Array,
+  first: Array,
+  noise: Array | None,
+  eta: float,
+) -> tuple[Array, Any]:
+  """One move t → s of ``sampler`` from the denoised (x̂0, ε̂) at t; ``aux`` is the multistep
+  history (``(x̂0_prev, h_prev)`` for DPM-Solver++, ``()`` otherwise), ``first`` restarts it.
+
+  Returns:
+    ``(x_s, aux)``.
+  """
+  if sampler == "ancestral":
+    return ancestral_step(x_t, x0, logsnr_t, logsnr_s, noise), aux
+  if sampler == "ddim":
+    return ddim_step(x0, eps, logsnr_t, logsnr_s, noise if eta > 0 else None, eta), aux
+  x0_prev, h_prev = aux
+  x_s, h = dpmpp_2m_step(x_t, x0, x0_prev, logsnr_t, logsnr_s, h_prev, first)
+  return x_s, (x0.astype(x0_prev.dtype), h)
+
+
+def initial_aux(sampler: str, x: Array) -> Any:
+  """The empty multistep history of ``sampler`` for states like ``x``."""
+  if sampler == "dpmpp_2m":
+    return (jnp.zeros_like(x), jnp.zeros((), jnp.float32))
+  return ()
+
+
 def _check_config(model_fn, x_T, rng, sampler, steps, pred_type, eta, t_start, t_end, progress_fn):
   if not callable(model_fn):
     raise ValueError(f"model_fn must be callable, got {type(model_fn).__name__}")
@@ -159,6 +209,10 @@ def sample(
   state: Any = None,
   after_step: Callable[[Array, Array, Any], Array] | None = None,
   shared_noise: bool = False,
+  known: Array | None = None,
+  mask: Array | None = None,
+  resample: int = 1,
+  jump: int = 1,
 ) -> Array | tuple[Array, Any]:
   """Runs a whole sampler as one ``lax.fori_loop`` and returns x̂0.
 
@@ -193,6 +247,18 @@ def sample(
       ``state``.
     shared_noise: draw one noise row per step and give it to every batch row (edits of one
       source image share its noise, so rows with equal inputs stay bit-identical).
+    known: inpainting: the known image ``[B, ...]`` (shape of ``x_T``). After every step to
+      time s the pixels outside ``mask`` are replaced by q_sample(known, λ_s) (fresh noise), and
+      the result holds ``known`` there exactly (:mod:`imagen_jax.diffusion.inpaint`). Needs
+      ``rng``.
+    mask: with ``known``: True (or 1) where pixels are generated, broadcastable to ``x_T``
+      (``[B, H, W, 1]`` for images).
+    resample: RePaint resampling: each stretch of ``jump`` steps is walked ``resample`` times,
+      going back up with the forward process in between (1 = plain replacement). Only with
+      ``known``.
+    jump: RePaint's jump length, in steps.
+
+  The model sees grid indices as ``step``: under resampling a step index repeats.
 
   Returns:
     The sample x̂0, with the shape and dtype of ``x_T`` (and the final ``state`` if given).
@@ -210,54 +276,92 @@ def sample(
   check_threshold(thresholding, percentile)
   if after_step is not None and state is None:
     raise ValueError("after_step needs state (it is called as after_step(step, x_next, state))")
+  inpaint.check_resample(resample, jump)
+  if (known is None) != (mask is None):
+    raise ValueError("inpainting needs both known (the image) and mask (True = generate)")
+  if known is None and (resample, jump) != (1, 1):
+    raise ValueError("resample/jump are RePaint settings: they need known and mask")
+  if known is not None:
+    if tuple(jnp.shape(known)) != tuple(jnp.shape(x_T)):
+      raise ValueError(f"known has shape {jnp.shape(known)}, but x_T has {jnp.shape(x_T)}")
+    try:
+      jnp.broadcast_shapes(jnp.shape(mask), jnp.shape(x_T))
+    except ValueError:
+      raise ValueError(
+        f"mask of shape {jnp.shape(mask)} does not broadcast to x_T {jnp.shape(x_T)}"
+      ) from None
+    if rng is None:
+      raise ValueError("rng is required for inpainting (the known region is re-noised)")
+    mask = jnp.asarray(mask).astype(bool)
   stateful = state is not None
   schedule = as_schedule(schedule)
   x_T = jnp.asarray(x_T)
   batch, dtype = x_T.shape[0], x_T.dtype
   ts = time_grid(steps, t_start, t_end)  # [N + 1]
   logsnrs = schedule(ts)  # [N + 1]
+  path = inpaint.repaint_path(steps, resample, jump)  # [M, 2] static moves (i → j)
+  moves = jnp.asarray(path)
+  has_jumps = bool((path[:, 1] < path[:, 0]).any())
 
-  def denoise(i, x, state):
+  def draw(key):
+    if shared_noise:  # one row for the whole batch: [1, ...] broadcast to [B, ...]
+      return jnp.broadcast_to(jax.random.normal(key, (1, *x_T.shape[1:]), dtype), x_T.shape)
+    return jax.random.normal(key, x_T.shape, dtype)
+
+  def down(k, i, x, aux, state, fresh):
+    """Step t_i → t_{i+1} (the last step returns x̂0)."""
     t = jnp.full((batch,), ts[i], jnp.float32)
     if stateful:
-      pred, state = model_fn(x, t, jnp.asarray(i, jnp.int32), state)
+      pred, state = model_fn(x, t, i, state)
     else:
       pred = model_fn(x, t)
     if tuple(pred.shape) != tuple(x.shape):
       raise ValueError(
         f"model_fn output has shape {tuple(pred.shape)}, but x_T has shape {tuple(x.shape)}"
       )
-    x0, eps = gaussian.to_x0_eps(pred, x, logsnrs[i], pred_type)
-    if thresholding != "none":
-      x0 = threshold(x0, thresholding, percentile)
-      eps = gaussian.eps_from_x0(x0, x, logsnrs[i])  # keep x_t = α x̂0 + σ ε̂ after clipping
+    x0, eps = denoise(pred, x, logsnrs[i], pred_type, thresholding, percentile)
     if progress_fn is not None:
       jax.debug.callback(progress_fn, i, x0 if progress_x0 else None)
-    return x0, eps, state
-
-  def noise(i):
-    key = jax.random.fold_in(rng, i)
-    if shared_noise:  # one row for the whole batch: [1, ...] broadcast to [B, ...]
-      return jnp.broadcast_to(jax.random.normal(key, (1, *x_T.shape[1:]), dtype), x_T.shape)
-    return jax.random.normal(key, x_T.shape, dtype)
-
-  def body(i, carry):
-    x, aux, state = carry
-    x0, eps, state = denoise(i, x, state)
     lt, ls = logsnrs[i], logsnrs[i + 1]
-    if sampler == "ancestral":
-      x_next = ancestral_step(x, x0, lt, ls, noise(i))
-    elif sampler == "ddim":
-      x_next = ddim_step(x0, eps, lt, ls, noise(i) if eta > 0 else None, eta)
-    else:
-      x0_prev, h_prev = aux
-      x_next, h = dpmpp_2m_step(x, x0, x0_prev, lt, ls, h_prev, i == 0)
-      aux = (x0.astype(dtype), h)
-    x_next = jnp.where(i == steps - 1, x0, x_next)  # the last step returns x̂0
+    stochastic = sampler == "ancestral" or (sampler == "ddim" and eta > 0)
+    noise = draw(jax.random.fold_in(rng, k)) if stochastic else None
+    x_next, aux = solver_step(sampler, x, x0, eps, aux, lt, ls, fresh, noise, eta)
+    last = i == steps - 1
+    x_next = jnp.where(last, x0, x_next)  # the last step returns x̂0
+    if known is not None:
+      z = draw(jax.random.fold_in(jax.random.fold_in(rng, 1 << 30), k))
+      x_next = jnp.where(
+        last,
+        inpaint.paste_known(x_next, known, mask, None, z),
+        inpaint.paste_known(x_next, known, mask, ls, z),
+      )
     if after_step is not None:
-      x_next = after_step(jnp.asarray(i, jnp.int32), x_next, state)
+      x_next = after_step(i, x_next, state)
     return x_next.astype(dtype), aux, state
 
-  aux0 = (jnp.zeros_like(x_T), jnp.zeros((), jnp.float32)) if sampler == "dpmpp_2m" else ()
-  x0, _, state = jax.lax.fori_loop(0, steps, body, (x_T, aux0, state if stateful else ()))
+  def up(k, i, j, x):
+    """Jump back t_i → t_j (j < i) with the forward process q(x_{t_j} | x_{t_i})."""
+    z = draw(jax.random.fold_in(jax.random.fold_in(rng, 1 << 29), k))
+    return inpaint.forward_jump(x, logsnrs[i], logsnrs[j], z).astype(dtype)
+
+  def body(k, carry):
+    x, aux, state, fresh = carry
+    i, j = moves[k, 0], moves[k, 1]
+    if not has_jumps:
+      x, aux, state = down(k, i, x, aux, state, fresh)
+      return x, aux, state, jnp.zeros((), bool)
+
+    def go_down(operands):
+      x, aux, state = operands
+      x, aux, state = down(k, i, x, aux, state, fresh)
+      return x, aux, state, jnp.zeros((), bool)
+
+    def go_up(operands):
+      x, aux, state = operands
+      return up(k, i, j, x), aux, state, jnp.ones((), bool)  # multistep history restarts
+
+    return jax.lax.cond(j > i, go_down, go_up, (x, aux, state))
+
+  carry = (x_T, initial_aux(sampler, x_T), state if stateful else (), jnp.ones((), bool))
+  x0, _, state, _ = jax.lax.fori_loop(0, len(path), body, carry)
   return (x0, state) if stateful else x0
