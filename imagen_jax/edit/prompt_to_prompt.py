@@ -27,7 +27,8 @@ from PIL import Image
 from imagen_jax.edit.attention_edit import EditPlan, PromptToPrompt, plan_edit
 from imagen_jax.edit.attention_maps import attention_row, word_maps
 from imagen_jax.edit.tokens import TokenizedPrompt
-from imagen_jax.sample.cascade import Cascade, to_pil
+from imagen_jax.sample.cascade import Cascade, StageInputs, to_pil
+from imagen_jax.sample.inversion import CascadeInversion
 
 
 @dataclasses.dataclass
@@ -82,6 +83,7 @@ def prompt_to_prompt(
   init_image: np.ndarray | None = None,
   strength: float | None = None,
   progress: bool = True,
+  inversion: CascadeInversion | None = None,
   **edit_kwargs: Any,
 ) -> EditResult:
   """Samples ``source_prompt`` and its edits ``target_prompts`` together through the cascade.
@@ -104,6 +106,11 @@ def prompt_to_prompt(
     start_stage, init_image, strength: as for ``Cascade.__call__`` (one ``init_image`` row
       per prompt).
     progress: tqdm bars.
+    inversion: edit a *real* image: its inversion under ``source_prompt``
+      (:func:`imagen_jax.edit.image_ops.invert`, with ``null_text=True`` for guided stages).
+      Every row starts from the inverted latents, with the source's per-step null conditions,
+      so the source row reconstructs the image and the edits change it (Mokady et al. 2022 §4).
+      Sampler settings come from the inversion (``settings`` may not change ``steps``).
 
   Returns:
     An :class:`EditResult`.
@@ -129,6 +136,18 @@ def prompt_to_prompt(
     )
   plan: EditPlan = plan_edit(tokenizer, source_prompt, target_prompts, edit)
   n = len(plan.prompts)
+  inputs = None
+  if inversion is not None:
+    settings = {k: {**(settings or {}).get(k, {}), **v} for k, v in inversion.settings.items()}
+    seed = inversion.seed
+    inputs = {}
+    for name, given in inversion.inputs().items():  # the source's row for every prompt
+      nulls = given.null_emb is not None
+      inputs[name] = StageInputs(
+        latent=np.repeat(given.latent[:1], n, axis=0),
+        null_emb=np.repeat(given.null_emb[:, :1], n, axis=1) if nulls else None,
+        null_mask=np.repeat(given.null_mask[:1], n, axis=0) if nulls else None,
+      )
   images, states = cascade.generate(
     plan.prompts,
     seed=seed,
@@ -139,6 +158,7 @@ def prompt_to_prompt(
     strength=strength,
     progress=progress,
     control=plan,
+    inputs=inputs,
   )
   attention = {
     name: state["maps"] / max(float(state["count"]), 1.0)

@@ -24,14 +24,12 @@ order), and in a multi-process run (``jax.distributed``) every process gets all 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -41,9 +39,10 @@ from tqdm.auto import tqdm
 from imagen_jax import config as config_lib
 from imagen_jax import diffusion, metrics, sharding
 from imagen_jax.checkpoint import restore_params_with_step
+from imagen_jax.sample.runs import Workdirs, check_chain, load_run_configs
 from imagen_jax.sample.stage import SamplerSettings, make_stage_sampler
 from imagen_jax.stage.model import StageModel, stage_schedule
-from imagen_jax.stage.text_cond import DEMO_ENCODER, build_text_embedder
+from imagen_jax.stage.text_cond import build_text_embedder
 
 
 @dataclasses.dataclass
@@ -80,61 +79,28 @@ class CascadeStage:
     )
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The ``config.json`` a training run wrote into its workdir."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-      f"{path} not found: --workdir must be a training run's workdir (python train.py "
-      f"--workdir=...). Train the demo first with `python train.py`."
-    )
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+@dataclasses.dataclass(frozen=True)
+class StageInputs:
+  """Per-stage inputs of :meth:`Cascade.generate` beyond prompts and seed (host arrays, N rows).
+
+  Attributes:
+    latent: ``[N, H, W, 3]``: start from this x_1 instead of seeded noise (an inverted image).
+    known: ``[N, H, W, 3]`` in [-1, 1]: inpainting's known image at this stage's resolution.
+    mask: ``[N, H, W]`` bool, True = generate (with ``known``).
+    null_emb: ``[steps, N, L, D]``: the unconditional condition of every step (null-text
+      inversion), with ``null_mask`` ``[N, L]``.
+    null_mask: see ``null_emb``.
+  """
+
+  latent: np.ndarray | None = None
+  known: np.ndarray | None = None
+  mask: np.ndarray | None = None
+  null_emb: np.ndarray | None = None
+  null_mask: np.ndarray | None = None
 
 
-Workdirs = str | os.PathLike | Sequence[str | os.PathLike]
 MeshSpec = Mesh | Mapping[str, int] | None  # a mesh, or its axis sizes (``{"data": -1}``)
 OUTPUT_TYPES = ("np", "pil")
-
-
-def load_run_configs(workdir: Workdirs) -> list[tuple[str, ml_collections.ConfigDict]]:
-  """``(workdir, config)`` of one or several training runs, checked to form one cascade.
-
-  Each run contributes the stages of its ``stage_order``. Stage names must be unique across the
-  runs, and every run must have been trained with the first run's text encoder
-  (``config.text.encoder`` and ``max_length``): a stage conditioned on embeddings from another
-  encoder than the one it was trained with produces garbage, silently.
-
-  Args:
-    workdir: a ``train.py`` workdir, or a sequence of them (e.g. one run per stage).
-
-  Raises:
-    ValueError: no workdir, a stage name in two runs, or different text encoders.
-    FileNotFoundError: a workdir without ``config.json``.
-  """
-  dirs = _as_workdirs(workdir)
-  runs = [(d, load_run_config(d)) for d in dirs]
-  owner: dict[str, str] = {}
-  for d, config in runs:
-    for name in config.stage_order:
-      if name in owner:
-        raise ValueError(
-          f"stage {name!r} is in two runs, {owner[name]} and {d}: stage names must be unique "
-          f"across the workdirs of a cascade"
-        )
-      owner[name] = d
-  (first, ref), rest = runs[0], runs[1:]
-  for d, config in rest:
-    want_id, got_id = _text_identity(ref), _text_identity(config)
-    for field in {**want_id, **got_id}:
-      want, got = want_id.get(field), got_id.get(field)
-      if want != got:
-        raise ValueError(
-          f"runs {first} and {d} were trained with different text encoders: {field} is "
-          f"{want!r} in {first} but {got!r} in {d}. Every stage must be sampled with the text "
-          f"encoder it was trained with; the cascade uses the first run's."
-        )
-  return runs
 
 
 class Cascade:
@@ -167,7 +133,7 @@ class Cascade:
       raise ValueError("Cascade needs at least one stage")
     if int(max_batch) < 1:
       raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    _check_chain([(s.name, s.image_size, s.lowres_size) for s in stages])
+    check_chain([(s.name, s.image_size, s.lowres_size) for s in stages])
     self.mesh = as_mesh(mesh)
     self.rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
     self.stages = [
@@ -230,7 +196,7 @@ class Cascade:
     for key in settings:
       if key not in names:
         raise ValueError(f"settings for unknown stage {key!r}; stages: {names}")
-    _check_chain(
+    check_chain(
       [(n, int(owner[n][1].stages[n].image_size), owner[n][1].stages[n].lowres_size) for n in names]
     )
     mesh = as_mesh(mesh)
@@ -315,6 +281,8 @@ class Cascade:
     callback: Callable[[str, int, np.ndarray], None] | None = None,
     output_type: str = "np",
     control: Any = None,
+    inputs: Mapping[str, StageInputs] | None = None,
+    embeddings: tuple[np.ndarray, np.ndarray] | None = None,
   ) -> tuple[dict[str, np.ndarray] | dict[str, list[Image.Image]], dict[str, Any]]:
     """Generates images for ``prompts`` through the stages, optionally steered by ``control``.
 
@@ -336,6 +304,11 @@ class Cascade:
         :class:`imagen_jax.edit.EditPlan`): ``control.for_stage(stage, settings, batch) ->
         (static control, data)``, see :func:`make_stage_sampler`. All N prompts then run as one
         batch (N ≤ ``max_batch``) from one shared noise (image 0's).
+      inputs: stage name → :class:`StageInputs` (a starting latent, inpainting's known image and
+        mask, per-step null conditions), as the editing operations of :mod:`imagen_jax.edit`
+        use them.
+      embeddings: ``(emb [N, L, D], mask [N, L])`` to condition on instead of encoding
+        ``prompts`` (interpolated or shifted text embeddings); ``prompts`` then only label rows.
 
     Returns:
       ``(images, states)``: stage name → images ``[N, H, W, 3]`` float32 in [-1, 1] (or N PIL
@@ -362,9 +335,18 @@ class Cascade:
       )
     stages, lowres, img2img = self._plan(n, start_stage, init_image, strength)
     per_stage = {s.name: self._settings(s, (settings or {}).get(s.name)) for s in stages}
+    inputs = dict(inputs or {})
+    self._check_inputs(inputs, {s.name: s for s in stages}, per_stage, n)
     # Embeddings come back to the host once (every process holds the same values), then each
     # chunk is placed batch-sharded on the mesh.
-    emb, mask = map(_to_host, self.text.encode_prompts(prompts))
+    if embeddings is None:
+      emb, mask = map(_to_host, self.text.encode_prompts(prompts))
+    else:
+      emb, mask = (np.asarray(a) for a in embeddings)
+      if emb.ndim != 3 or emb.shape[0] != n or mask.shape != emb.shape[:2]:
+        raise ValueError(
+          f"embeddings must be (emb [{n}, L, D], mask [{n}, L]), got {emb.shape}, {mask.shape}"
+        )
     if negative_prompts is None:
       null_emb, null_mask = np.zeros_like(emb), np.zeros_like(mask)
     else:
@@ -372,9 +354,10 @@ class Cascade:
     key = jax.random.key(seed)
     out: dict[str, np.ndarray] = {}
     states: dict[str, Any] = {}
-    for si, stage in enumerate(stages):
+    first = len(self.stages) - len(stages)
+    for si, stage in enumerate(stages, start=first):  # si: the stage's place in the cascade
       cfg = per_stage[stage.name]
-      start = img2img if (si == 0 and img2img is not None) else None
+      start = img2img if (si == first and img2img is not None) else None
       images = []
       bar = tqdm(total=cfg.steps, desc=f"sample {stage.name}", disable=not progress, leave=False)
       self._progress.update(bar=bar, callback=callback, stage=stage.name)
@@ -382,7 +365,17 @@ class Cascade:
         for lo in range(0, n, self.max_batch):
           hi = min(n, lo + self.max_batch)
           x0, state = self._run_chunk(
-            stage, cfg, key, si, lo, hi, emb, mask, null_emb, null_mask, lowres, start, control
+            stage,
+            cfg,
+            key,
+            si,
+            lo,
+            hi,
+            (emb, mask, null_emb, null_mask),
+            lowres,
+            start,
+            control,
+            inputs.get(stage.name),
           )
           images.append(x0)
           if state is not None:
@@ -395,6 +388,30 @@ class Cascade:
     if output_type == "pil":
       return {name: to_pil(images) for name, images in out.items()}, states
     return out, states
+
+  def _check_inputs(self, inputs, stages, per_stage, n):
+    for name, given in inputs.items():
+      if name not in stages:
+        raise ValueError(f"inputs for stage {name!r}, which does not run; running: {list(stages)}")
+      size = stages[name].image_size
+      if given.latent is not None:
+        _check_image(np.asarray(given.latent), n, size, f"inputs[{name!r}].latent")
+      if (given.known is None) != (given.mask is None):
+        raise ValueError(f"inputs[{name!r}]: inpainting needs both known and mask")
+      if given.known is not None:
+        _check_image(np.asarray(given.known), n, size, f"inputs[{name!r}].known")
+        if np.shape(given.mask) != (n, size, size):
+          raise ValueError(
+            f"inputs[{name!r}].mask must be [{n}, {size}, {size}] (True = generate), got "
+            f"{np.shape(given.mask)}"
+          )
+      if given.null_emb is not None:
+        steps = per_stage[name].steps
+        if np.ndim(given.null_emb) != 4 or np.shape(given.null_emb)[:2] != (steps, n):
+          raise ValueError(
+            f"inputs[{name!r}].null_emb must be [steps={steps}, {n}, L, D], got "
+            f"{np.shape(given.null_emb)} (per-step null conditions are tied to the steps)"
+          )
 
   def _plan(self, n, start_stage, init_image, strength):
     names = [s.name for s in self.stages]
@@ -457,15 +474,16 @@ class Cascade:
     if cb is not None and x0 is not None:
       cb(self._progress["stage"], int(step), np.asarray(x0))
 
-  def _run_chunk(
-    self, stage, cfg, key, si, lo, hi, emb, mask, null_emb, null_mask, lowres, start, control
-  ):
+  def _run_chunk(self, stage, cfg, key, si, lo, hi, text, lowres, start, control, given):
+    emb, mask, null_emb, null_mask = text
+    given = given or StageInputs()
     m = hi - lo
     bucket = _bucket(m, self.max_batch, self.batch_shards)
 
-    def pad(x):  # host [m, ...] → [bucket, ...], repeating the last row
-      x = np.asarray(x[lo:hi])
-      return np.concatenate([x, np.repeat(x[-1:], bucket - m, axis=0)]) if bucket > m else x
+    def pad(x, axis=0):  # host [m, ...] → [bucket, ...], repeating the last row
+      x = np.take(np.asarray(x), np.arange(lo, hi), axis=axis)
+      last = np.take(x, [-1], axis=axis)
+      return np.concatenate([x, np.repeat(last, bucket - m, axis=axis)], axis) if bucket > m else x
 
     shape = (stage.image_size, stage.image_size, 3)
     # Per-image noise from (seed, image index): an image depends neither on its batch-mates nor
@@ -474,17 +492,37 @@ class Cascade:
     if control is not None:  # edits start from the source's noise (image 0's)
       rows = jnp.zeros_like(rows)
     x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(rows)
+    if cfg.noise_scale != 1.0:
+      x_T = x_T * cfg.noise_scale
+    if given.latent is not None:
+      x_T = jnp.asarray(pad(given.latent), jnp.float32)
     t_start = 1.0
     if start is not None:
       init, t_start = start
       logsnr = stage.schedule(jnp.full((bucket,), t_start))
       x_T = diffusion.q_sample(jnp.asarray(pad(init)), logsnr, x_T)
-    args = [pad(emb), pad(mask), pad(null_emb), pad(null_mask), np.asarray(x_T)]
+    if given.null_emb is not None:
+      null_emb, null_mask, null_axis = given.null_emb, given.null_mask, 1
+    else:
+      null_axis = 0
+    args = [pad(emb), pad(mask), pad(null_emb, null_axis), pad(null_mask), np.asarray(x_T)]
     if lowres is not None:
       args.append(pad(lowres))
-    args = [self._put(a, sharding.batch_sharding(self.mesh, a.ndim)) for a in args]
+    args = [
+      self._put(a, sharding.batch_sharding(self.mesh, a.ndim))
+      if i != 2 or null_axis == 0
+      else self._put(a, sharding.replicated(self.mesh))
+      for i, a in enumerate(args)
+    ]
     if lowres is None:
       args.append(None)
+    inpaint = {}
+    if given.known is not None:
+      known, where = pad(np.asarray(given.known, np.float32)), pad(np.asarray(given.mask, bool))
+      inpaint = {
+        "known": self._put(known, sharding.batch_sharding(self.mesh, 4)),
+        "mask": self._put(where, sharding.batch_sharding(self.mesh, 3)),
+      }
     bar = self._progress["bar"]
     report = "x0" if self._progress["callback"] is not None else None
     if report is None and bar is not None and not bar.disable:
@@ -494,18 +532,25 @@ class Cascade:
       static, data = control.for_stage(stage, cfg, bucket)
       data = jax.tree.map(lambda a: self._put(np.asarray(a), sharding.replicated(self.mesh)), data)
     sampler = self._sampler(stage, cfg, report, static)
-    rng = jax.random.fold_in(jax.random.fold_in(key, 1_000_003 + si), lo)
-    rng = self._put(np.asarray(jax.random.key_data(rng)), sharding.replicated(self.mesh))
+    rng = self._put(chunk_rng(key, si, lo), sharding.replicated(self.mesh))
     with sharding.use_rules(self.mesh, self.rules):  # activations constrained while tracing
       if static is None:
-        return _to_host(sampler(stage.params, rng, *args, t_start=t_start))[:m], None
-      x0, state = sampler(stage.params, rng, *args, control_data=data, t_start=t_start)
+        return _to_host(sampler(stage.params, rng, *args, t_start=t_start, **inpaint))[:m], None
+      x0, state = sampler(stage.params, rng, *args, control_data=data, t_start=t_start, **inpaint)
     state = jax.tree.map(lambda a: _to_host(a)[:m] if np.ndim(a) else _to_host(a), state)
     return _to_host(x0)[:m], state
 
   def _put(self, x: np.ndarray, where: jax.sharding.NamedSharding) -> jax.Array:
     """A host array (the same in every process) as a global array on the mesh."""
     return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
+
+
+def chunk_rng(key: jax.Array, stage_index: int, lo: int) -> np.ndarray:
+  """The sampling key data of the chunk starting at image ``lo`` of the ``stage_index``-th stage
+  run (noise augmentation and per-step noise; inversion reuses it for the same augmentation)."""
+  return np.asarray(
+    jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, 1_000_003 + stage_index), lo))
+  )
 
 
 def as_mesh(mesh: MeshSpec) -> Mesh:
@@ -538,36 +583,3 @@ def _bucket(m: int, max_batch: int, shards: int = 1) -> int:
 def _check_image(x: np.ndarray, n: int, size: int, what: str) -> None:
   if x.shape != (n, size, size, 3):
     raise ValueError(f"{what} must be [{n}, {size}, {size}, 3] in [-1, 1], got {x.shape}")
-
-
-def _as_workdirs(workdir: Workdirs) -> list[str]:
-  dirs = [workdir] if isinstance(workdir, (str, os.PathLike)) else list(workdir)
-  if not dirs:
-    raise ValueError("no workdir given")
-  return [os.fspath(d) for d in dirs]
-
-
-def _text_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What determines the text embeddings a run's stages were trained on."""
-  t = config.text
-  out = {"config.text.encoder": t.encoder, "config.text.max_length": int(t.max_length)}
-  if not t.encoder:
-    out["config.text.embedding_cache"] = t.embedding_cache
-  if t.encoder == DEMO_ENCODER:  # its frozen random weights are generated from the seed
-    out["config.seed (the shapes_demo encoder's weights)"] = int(config.seed)
-  return out
-
-
-def _check_chain(stages: Sequence[tuple[str, int, int | None]]) -> None:
-  """``(name, image_size, lowres_size)`` in cascade order: each stage takes the previous' output."""
-  for (prev, prev_size, _), (cur, _, cur_lowres) in zip(stages, stages[1:]):
-    if cur_lowres is None:
-      raise ValueError(
-        f"stage {cur!r} is a base stage (no low-res input) but comes after stage {prev!r}: the "
-        f"stages do not chain (order them base first, e.g. base64, sr256, sr1024)"
-      )
-    if cur_lowres != prev_size:
-      raise ValueError(
-        f"stage {cur!r} takes {cur_lowres}² low-res input but the previous stage "
-        f"{prev!r} produces {prev_size}²: the stages do not chain"
-      )

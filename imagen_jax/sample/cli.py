@@ -16,7 +16,8 @@ from PIL import Image
 from imagen_jax import diffusion, metrics
 from imagen_jax.data import shapes
 from imagen_jax.data.preprocess import BadExample, to_rgb
-from imagen_jax.sample.cascade import Cascade, Workdirs, load_run_configs
+from imagen_jax.sample.cascade import Cascade
+from imagen_jax.sample.runs import Workdirs, load_run_configs
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from imagen_jax import diffusion
 from imagen_jax.diffusion import SAMPLERS, THRESHOLD_MODES
+from imagen_jax.diffusion.inpaint import check_resample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,10 @@ class SamplerSettings:
     percentile: dynamic-thresholding percentile p.
     aug_level: noise-augmentation level of the low-res input (SR stages; Imagen: 0.1-0.3).
     eta: DDIM stochasticity (0 = deterministic).
+    resample: inpainting only: RePaint's resampling count r (1 = replacement only).
+    jump: inpainting only: RePaint's jump length, in steps.
+    noise_scale: the starting noise's scale (GLIDE's upsampler "temperature": 0.997 for its
+      SR stage; 1 = the prior).
   """
 
   sampler: str = "dpmpp_2m"
@@ -39,6 +44,9 @@ class SamplerSettings:
   percentile: float = 99.5
   aug_level: float = 0.2
   eta: float = 0.0
+  resample: int = 1
+  jump: int = 1
+  noise_scale: float = 1.0
 
   def __post_init__(self):
     if self.sampler not in SAMPLERS:
@@ -53,11 +61,49 @@ class SamplerSettings:
       raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
     if not 0.0 <= self.aug_level <= 1.0:
       raise ValueError(f"aug_level must be in [0, 1], got {self.aug_level}")
+    check_resample(self.resample, self.jump)
+    if not self.noise_scale > 0.0:
+      raise ValueError(f"noise_scale must be > 0, got {self.noise_scale}")
 
   @classmethod
   def from_config(cls, cfg: Any) -> SamplerSettings:
     fields = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in dict(cfg).items() if k in fields})
+
+
+def _conditioning(
+  schedule, settings, rng, text_emb, text_mask, null_emb, null_mask, lowres, shared
+):
+  """``(rng_sample, cond, uncond)``: the U-Net's conditions, with the low-res input noise-augmented
+  at ``settings.aug_level`` (Imagen §2.4) from ``rng`` exactly as sampling does, so that an
+  inversion and the sampling that undoes it see the same augmented input."""
+  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):  # raw key data (uint32 [2])
+    rng = jax.random.wrap_key_data(rng)
+  rng_aug, rng_sample = jax.random.split(rng)
+  extra = {}
+  if lowres is not None:
+    batch = lowres.shape[0]
+    eps = None
+    if shared:  # one augmentation noise row for the whole batch
+      eps = jax.random.normal(jax.random.fold_in(rng_aug, 1), (1, *lowres.shape[1:]))
+    lowres, aug_logsnr = diffusion.noise_augment(
+      rng_aug, lowres, schedule, jnp.full((batch,), settings.aug_level), eps=eps
+    )
+    extra = {"lowres": lowres, "aug_logsnr": aug_logsnr}
+  uncond = None if null_emb is None else (null_emb.astype(text_emb.dtype), null_mask, extra)
+  return rng_sample, (text_emb, text_mask, extra), uncond
+
+
+def _model_fn(apply_fn, params, schedule, controller=None):
+  """``model_fn(x_t, t, cond) -> pred`` (float32) of the U-Net with ``cond = (emb, mask, kw)``."""
+
+  def model_fn(x_t, t, cond):
+    emb, mask, kw = cond
+    out = apply_fn(params, x_t, schedule(t), emb, mask, controller=controller, **kw)
+    out = out[0] if controller is not None else out  # (out, controller.outputs())
+    return out.astype(jnp.float32)
+
+  return model_fn
 
 
 def make_stage_sampler(
@@ -71,15 +117,19 @@ def make_stage_sampler(
   control: Any = None,
 ) -> Callable:
   """Returns a jitted ``sample(params, rng, text_emb, text_mask, null_emb, null_mask, x_T,
-  lowres=None, control_data=None, t_start=1.0) -> x0 [B, H, W, C]``.
+  lowres=None, control_data=None, known=None, mask=None, t_start=1.0) -> x0 [B, H, W, C]``.
 
   ``rng`` is a key or its raw data (``jax.random.key_data``: a plain uint32 array, which can be
   placed on a multi-process mesh like any other input).
 
   ``null_emb``/``null_mask`` condition the unconditional branch: zeros + all-false mask (the
-  training-time text dropout) or a negative prompt's embedding. ``t_start < 1`` starts from a
-  noised image (img2img); it is static (each strength compiles once). ``progress_fn(step, x0)``
-  is called at every step from the device (``x0`` is None unless ``progress_x0``).
+  training-time text dropout) or a negative prompt's embedding; ``null_emb`` of shape
+  ``[steps, B, L, D]`` gives every step its own (null-text inversion). ``t_start < 1`` starts
+  from a noised image (img2img); it is static (each strength compiles once).
+  ``progress_fn(step, x0)`` is called at every step from the device (``x0`` is None unless
+  ``progress_x0``). ``known`` ``[B, H, W, C]`` and ``mask`` ``[B, H, W]`` (True = generate)
+  inpaint: the pixels outside the mask follow the forward process of ``known`` and end equal
+  to it, with ``settings.resample`` / ``jump`` (RePaint).
 
   ``control`` (static, hashable; e.g. a prompt-to-prompt ``StageEdit``) steers the sampling with
   arrays ``control_data``: ``control.init_state(data, batch)`` is carried through the loop,
@@ -101,35 +151,33 @@ def make_stage_sampler(
     x_T,
     lowres=None,
     control_data=None,
+    known=None,
+    mask=None,
     t_start=1.0,
   ):
-    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):  # raw key data (uint32 [2])
-      rng = jax.random.wrap_key_data(rng)
-    rng_aug, rng_sample = jax.random.split(rng)
     batch = x_T.shape[0]
-    extra = {}
-    if lowres is not None:
-      eps = None
-      if control is not None:  # one augmentation noise row for the whole batch
-        eps = jax.random.normal(jax.random.fold_in(rng_aug, 1), (1, *lowres.shape[1:]))
-      lowres, aug_logsnr = diffusion.noise_augment(
-        rng_aug, lowres, schedule, jnp.full((batch,), settings.aug_level), eps=eps
-      )
-      extra = {"lowres": lowres, "aug_logsnr": aug_logsnr}
-    cond = (text_emb, text_mask, extra)
-    uncond = (null_emb.astype(text_emb.dtype), null_mask, extra)
+    per_step_null = null_emb.ndim == text_emb.ndim + 1  # [steps, B, L, D]
+    rng_sample, cond, uncond = _conditioning(
+      schedule,
+      settings,
+      rng,
+      text_emb,
+      text_mask,
+      null_emb[0] if per_step_null else null_emb,
+      null_mask,
+      lowres,
+      control is not None,
+    )
 
-    def guided_with(controller):
-      def model_fn(x_t, t, cond):
-        emb, mask, kw = cond
-        out = apply_fn(params, x_t, schedule(t), emb, mask, controller=controller, **kw)
-        out = out[0] if controller is not None else out  # (out, controller.outputs())
-        return out.astype(jnp.float32)
-
+    def guided(controller, step=None):
+      model_fn = _model_fn(apply_fn, params, schedule, controller)
       if settings.guidance == 1.0:
         # w = 1 is the conditional model alone: skip the doubled batch.
         return lambda x_t, t: model_fn(x_t, t, cond)
-      return diffusion.classifier_free_guidance(model_fn, cond, uncond, settings.guidance)
+      un = uncond
+      if per_step_null:
+        un = (null_emb[step].astype(text_emb.dtype), *uncond[1:])
+      return diffusion.classifier_free_guidance(model_fn, cond, un, settings.guidance)
 
     kwargs = dict(
       sampler=settings.sampler,
@@ -143,12 +191,28 @@ def make_stage_sampler(
       progress_fn=progress_fn,
       progress_x0=progress_x0,
     )
-    if control is None:
-      return diffusion.sample(guided_with(None), x_T, rng_sample, **kwargs)
+    if known is not None:
+      kwargs.update(
+        known=known.astype(x_T.dtype),
+        mask=mask[..., None],  # [B, H, W, 1]: every channel of a pixel
+        resample=int(settings.resample),
+        jump=int(settings.jump),
+      )
+    if control is None and not per_step_null:
+      return diffusion.sample(guided(None), x_T, rng_sample, **kwargs)
+    if control is None:  # per-step null conditions: the model needs the step
+      x0, _ = diffusion.sample(
+        lambda x_t, t, step, state: (guided(None, step)(x_t, t), state),
+        x_T,
+        rng_sample,
+        state=(),
+        **kwargs,
+      )
+      return x0
 
     def controlled_fn(x_t, t, step, state):
       controller = control.controller(step, state, control_data, cond_batch=batch)
-      pred = guided_with(controller)(x_t, t)
+      pred = guided(controller, step)(x_t, t)
       return pred, controller.outputs()
 
     return diffusion.sample(
@@ -162,3 +226,70 @@ def make_stage_sampler(
     )
 
   return jax.jit(sample, static_argnames=("t_start",))
+
+
+def make_stage_inverter(
+  apply_fn: Callable, schedule: Any, pred_type: str, settings: SamplerSettings
+) -> Callable:
+  """Returns a jitted ``invert(params, rng, text_emb, text_mask, x0, lowres=None) -> (latent,
+  trajectory)``: DDIM / DPM-Solver++ inversion of ``x0`` ``[B, H, W, C]`` with the conditional
+  model (w = 1) on the grid of ``settings`` (:func:`imagen_jax.diffusion.invert`); the low-res
+  input is augmented from ``rng`` as :func:`make_stage_sampler` does with the same key.
+  ``trajectory`` ``[steps + 1, B, H, W, C]`` are the pivots of null-text inversion."""
+
+  def invert(params, rng, text_emb, text_mask, x0, lowres=None):
+    _, cond, _ = _conditioning(
+      schedule, settings, rng, text_emb, text_mask, None, None, lowres, False
+    )
+    model_fn = _model_fn(apply_fn, params, schedule)
+    return diffusion.invert(
+      lambda x_t, t: model_fn(x_t, t, cond),
+      x0,
+      sampler=settings.sampler,
+      steps=int(settings.steps),
+      schedule=schedule,
+      pred_type=pred_type,
+      return_trajectory=True,
+    )
+
+  return jax.jit(invert)
+
+
+def make_null_text_optimizer(
+  apply_fn: Callable,
+  schedule: Any,
+  pred_type: str,
+  settings: SamplerSettings,
+  *,
+  inner_steps: int = 10,
+  learning_rate: float = 1e-2,
+) -> Callable:
+  """Returns a jitted ``optimize(params, rng, text_emb, text_mask, null_init, null_mask,
+  trajectory, lowres=None) -> (nulls [steps, B, L, D], x0)``: null-text inversion
+  (:func:`imagen_jax.diffusion.null_text_inversion`) of the U-Net under ``settings.guidance``."""
+
+  def optimize(params, rng, text_emb, text_mask, null_init, null_mask, trajectory, lowres=None):
+    _, cond, (_, _, extra) = _conditioning(
+      schedule, settings, rng, text_emb, text_mask, null_init, null_mask, lowres, False
+    )
+    model_fn = _model_fn(apply_fn, params, schedule)
+
+    def guided_fn(x_t, t, null):
+      uncond = (null.astype(text_emb.dtype), null_mask, extra)
+      return diffusion.classifier_free_guidance(model_fn, cond, uncond, settings.guidance)(x_t, t)
+
+    return diffusion.null_text_inversion(
+      guided_fn,
+      trajectory,
+      null_init.astype(jnp.float32),
+      sampler=settings.sampler,
+      steps=int(settings.steps),
+      schedule=schedule,
+      pred_type=pred_type,
+      thresholding=settings.thresholding,
+      percentile=settings.percentile,
+      inner_steps=inner_steps,
+      learning_rate=learning_rate,
+    )
+
+  return jax.jit(optimize)
