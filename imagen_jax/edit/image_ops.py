@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from imagen_jax.sample.cascade import Cascade, StageInputs
-from imagen_jax.sample.inversion import CascadeInversion, invert_cascade, resize
+from imagen_jax.sample.inversion import CascadeInversion, StageInversion, invert_cascade, resize
 
 Images = dict[str, np.ndarray]
 
@@ -198,7 +198,7 @@ def variations(
   if stochasticity < 0:
     raise ValueError(f"stochasticity (DDIM eta) must be >= 0, got {stochasticity}")
   inv = invert_cascade(cascade, _batch(image, 1), [prompt], seed=seed, settings=settings)
-  inputs = {k: StageInputs(latent=np.repeat(v.latent, num, 0)) for k, v in inv.stages.items()}
+  inputs = {k: _repeat(v, num) for k, v in inv.stages.items()}
   images, _ = cascade.generate(
     [prompt] * num,
     seed=seed,
@@ -207,6 +207,22 @@ def variations(
     progress=progress,
   )
   return images
+
+
+def _repeat(inv: StageInversion, k: int) -> StageInputs:
+  """One inverted image's latent (and augmentation noise) for k rows."""
+  eps = None if inv.aug_eps is None else np.repeat(inv.aug_eps[:1], k, 0)
+  return StageInputs(latent=np.repeat(inv.latent[:1], k, 0), aug_eps=eps)
+
+
+def _slerp_inputs(inv: StageInversion, alphas: np.ndarray) -> StageInputs:
+  """Rows slerped from the first inverted image to the second (latents and augmentation noise,
+  both standard Gaussian draws)."""
+
+  def path(x):
+    return None if x is None else np.concatenate([slerp(x[:1], x[1:2], float(a)) for a in alphas])
+
+  return StageInputs(latent=path(inv.latent), aug_eps=path(inv.aug_eps))
 
 
 def slerp(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
@@ -260,12 +276,7 @@ def interpolate(
   inv = invert_cascade(cascade, images, [prompt_a, prompt_b], seed=seed, settings=settings)
   emb, mask = _embed(cascade, [prompt_a, prompt_b])
   alphas = np.linspace(0.0, 1.0, frames, dtype=np.float32)
-  inputs = {
-    k: StageInputs(
-      latent=np.concatenate([slerp(v.latent[:1], v.latent[1:], float(a)) for a in alphas])
-    )
-    for k, v in inv.stages.items()
-  }
+  inputs = {k: _slerp_inputs(v, alphas) for k, v in inv.stages.items()}
   frames_emb, frames_mask = _mix_text(emb, mask, alphas)
   labels = [f"{prompt_a} → {prompt_b} ({a:.2f})" for a in alphas]
   out, _ = cascade.generate(
@@ -298,7 +309,7 @@ def text_diff(
   emb, mask = _embed(cascade, [source_prompt, target_prompt])
   k = len(etas)
   moved, moved_mask = _mix_text(emb, mask, etas)
-  inputs = {name: StageInputs(latent=np.repeat(v.latent, k, 0)) for name, v in inv.stages.items()}
+  inputs = {name: _repeat(v, k) for name, v in inv.stages.items()}
   out, _ = cascade.generate(
     [f"{source_prompt} → {target_prompt} (η={e:.2f})" for e in etas],
     seed=seed,

@@ -147,6 +147,7 @@ def prompt_to_prompt(
         latent=np.repeat(given.latent[:1], n, axis=0),
         null_emb=np.repeat(given.null_emb[:, :1], n, axis=1) if nulls else None,
         null_mask=np.repeat(given.null_mask[:1], n, axis=0) if nulls else None,
+        aug_eps=None if given.aug_eps is None else np.repeat(given.aug_eps[:1], n, axis=0),
       )
   images, states = cascade.generate(
     plan.prompts,

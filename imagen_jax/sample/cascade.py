@@ -90,6 +90,8 @@ class StageInputs:
     null_emb: ``[steps, N, L, D]``: the unconditional condition of every step (null-text
       inversion), with ``null_mask`` ``[N, L]``.
     null_mask: see ``null_emb``.
+    aug_eps: ``[N, h, w, 3]``: the noise that augments an SR stage's low-res input (an
+      inversion's, so that sampling undoes it exactly; default: drawn from the seed).
   """
 
   latent: np.ndarray | None = None
@@ -97,6 +99,7 @@ class StageInputs:
   mask: np.ndarray | None = None
   null_emb: np.ndarray | None = None
   null_mask: np.ndarray | None = None
+  aug_eps: np.ndarray | None = None
 
 
 MeshSpec = Mesh | Mapping[str, int] | None  # a mesh, or its axis sizes (``{"data": -1}``)
@@ -523,6 +526,9 @@ class Cascade:
         "known": self._put(known, sharding.batch_sharding(self.mesh, 4)),
         "mask": self._put(where, sharding.batch_sharding(self.mesh, 3)),
       }
+    if given.aug_eps is not None and lowres is not None:
+      eps = pad(np.asarray(given.aug_eps, np.float32))
+      inpaint["aug_eps"] = self._put(eps, sharding.batch_sharding(self.mesh, 4))
     bar = self._progress["bar"]
     report = "x0" if self._progress["callback"] is not None else None
     if report is None and bar is not None and not bar.disable:

@@ -37,12 +37,14 @@ class StageInversion:
     trajectory: ``[steps + 1, N, H, W, 3]``: the pivots (x_{t_i} in sampling order).
     null_emb: ``[steps, N, L, D]`` per-step null conditions (null-text inversion) or None.
     null_mask: ``[N, L]`` the null conditions' mask (the prompt's), or None.
+    aug_eps: ``[N, h, w, 3]`` the low-res input's augmentation noise (SR stages), or None.
   """
 
   latent: np.ndarray
   trajectory: np.ndarray
   null_emb: np.ndarray | None = None
   null_mask: np.ndarray | None = None
+  aug_eps: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -69,6 +71,7 @@ class CascadeInversion:
         latent=inv.latent,
         null_emb=inv.null_emb if use else None,
         null_mask=inv.null_mask if use else None,
+        aug_eps=inv.aug_eps,
       )
     return out
 
@@ -158,24 +161,37 @@ def invert_cascade(
     cfg = dataclasses.replace(cfg, **overrides)
     used[stage.name] = overrides
     x0 = put(pad(resize(images, stage.image_size)))
-    lowres = None if stage.lowres_size is None else put(pad(resize(images, stage.lowres_size)))
+    lowres, aug_eps, eps = None, None, None
+    if stage.lowres_size is not None:
+      lowres = put(pad(resize(images, stage.lowres_size)))
+      # One augmentation noise per image, kept with the latent: sampling must see it again.
+      shape = (n, stage.lowres_size, stage.lowres_size, 3)
+      eps = np.asarray(jax.random.normal(jax.random.fold_in(key, 2_000_003 + si), shape))
+      aug_eps = put(pad(eps))
     rng = put(chunk_rng(key, si, 0), batch=False)
     e, m = put(pad(emb)), put(pad(mask))
+    programs = cascade.__dict__.setdefault("_inversion_programs", {})  # compiled once per cfg
     with sharding.use_rules(cascade.mesh, cascade.rules):
-      invert = make_stage_inverter(stage.model.apply, stage.schedule, stage.pred_type, cfg)
-      latent, traj = invert(stage.params, rng, e, m, x0, lowres)
-      inv = StageInversion(_to_host(latent)[:n], _to_host(traj)[:, :n])
-      if null_text and cfg.guidance != 1.0:
-        optimize = make_null_text_optimizer(
-          stage.model.apply,
-          stage.schedule,
-          stage.pred_type,
-          cfg,
-          inner_steps=inner_steps,
-          learning_rate=learning_rate,
+      key_i = ("invert", stage.name, cfg)
+      if key_i not in programs:
+        programs[key_i] = make_stage_inverter(
+          stage.model.apply, stage.schedule, stage.pred_type, cfg
         )
+      latent, traj = programs[key_i](stage.params, rng, e, m, x0, lowres, aug_eps)
+      inv = StageInversion(_to_host(latent)[:n], _to_host(traj)[:, :n], aug_eps=eps)
+      if null_text and cfg.guidance != 1.0:
+        key_n = ("null_text", stage.name, cfg, int(inner_steps), float(learning_rate))
+        if key_n not in programs:
+          programs[key_n] = make_null_text_optimizer(
+            stage.model.apply,
+            stage.schedule,
+            stage.pred_type,
+            cfg,
+            inner_steps=inner_steps,
+            learning_rate=learning_rate,
+          )
         null0 = jnp.zeros_like(e)
-        nulls, _ = optimize(stage.params, rng, e, m, null0, m, traj, lowres)
+        nulls, _ = programs[key_n](stage.params, rng, e, m, null0, m, traj, lowres, aug_eps)
         inv.null_emb = _to_host(nulls)[:, :n]
         inv.null_mask = np.asarray(mask)[:n]
     out[stage.name] = inv

@@ -72,7 +72,7 @@ class SamplerSettings:
 
 
 def _conditioning(
-  schedule, settings, rng, text_emb, text_mask, null_emb, null_mask, lowres, shared
+  schedule, settings, rng, text_emb, text_mask, null_emb, null_mask, lowres, shared, aug_eps=None
 ):
   """``(rng_sample, cond, uncond)``: the U-Net's conditions, with the low-res input noise-augmented
   at ``settings.aug_level`` (Imagen §2.4) from ``rng`` exactly as sampling does, so that an
@@ -83,8 +83,8 @@ def _conditioning(
   extra = {}
   if lowres is not None:
     batch = lowres.shape[0]
-    eps = None
-    if shared:  # one augmentation noise row for the whole batch
+    eps = aug_eps  # given by an inversion, which must be undone with the same noise
+    if eps is None and shared:  # one augmentation noise row for the whole batch
       eps = jax.random.normal(jax.random.fold_in(rng_aug, 1), (1, *lowres.shape[1:]))
     lowres, aug_logsnr = diffusion.noise_augment(
       rng_aug, lowres, schedule, jnp.full((batch,), settings.aug_level), eps=eps
@@ -117,7 +117,7 @@ def make_stage_sampler(
   control: Any = None,
 ) -> Callable:
   """Returns a jitted ``sample(params, rng, text_emb, text_mask, null_emb, null_mask, x_T,
-  lowres=None, control_data=None, known=None, mask=None, t_start=1.0) -> x0 [B, H, W, C]``.
+  lowres=None, control_data=None, known=None, mask=None, aug_eps=None, t_start=1.0) -> x0``.
 
   ``rng`` is a key or its raw data (``jax.random.key_data``: a plain uint32 array, which can be
   placed on a multi-process mesh like any other input).
@@ -129,7 +129,8 @@ def make_stage_sampler(
   ``progress_fn(step, x0)`` is called at every step from the device (``x0`` is None unless
   ``progress_x0``). ``known`` ``[B, H, W, C]`` and ``mask`` ``[B, H, W]`` (True = generate)
   inpaint: the pixels outside the mask follow the forward process of ``known`` and end equal
-  to it, with ``settings.resample`` / ``jump`` (RePaint).
+  to it, with ``settings.resample`` / ``jump`` (RePaint). ``aug_eps`` fixes the low-res input's
+  augmentation noise (an inversion's).
 
   ``control`` (static, hashable; e.g. a prompt-to-prompt ``StageEdit``) steers the sampling with
   arrays ``control_data``: ``control.init_state(data, batch)`` is carried through the loop,
@@ -153,6 +154,7 @@ def make_stage_sampler(
     control_data=None,
     known=None,
     mask=None,
+    aug_eps=None,
     t_start=1.0,
   ):
     batch = x_T.shape[0]
@@ -167,6 +169,7 @@ def make_stage_sampler(
       null_mask,
       lowres,
       control is not None,
+      aug_eps,
     )
 
     def guided(controller, step=None):
@@ -231,15 +234,15 @@ def make_stage_sampler(
 def make_stage_inverter(
   apply_fn: Callable, schedule: Any, pred_type: str, settings: SamplerSettings
 ) -> Callable:
-  """Returns a jitted ``invert(params, rng, text_emb, text_mask, x0, lowres=None) -> (latent,
-  trajectory)``: DDIM / DPM-Solver++ inversion of ``x0`` ``[B, H, W, C]`` with the conditional
-  model (w = 1) on the grid of ``settings`` (:func:`imagen_jax.diffusion.invert`); the low-res
-  input is augmented from ``rng`` as :func:`make_stage_sampler` does with the same key.
+  """Returns a jitted ``invert(params, rng, text_emb, text_mask, x0, lowres=None, aug_eps=None)
+  -> (latent, trajectory)``: DDIM / DPM-Solver++ inversion of ``x0`` ``[B, H, W, C]`` with the
+  conditional model (w = 1) on the grid of ``settings`` (:func:`imagen_jax.diffusion.invert`);
+  the low-res input is augmented from ``rng`` (or with ``aug_eps``) as in sampling.
   ``trajectory`` ``[steps + 1, B, H, W, C]`` are the pivots of null-text inversion."""
 
-  def invert(params, rng, text_emb, text_mask, x0, lowres=None):
+  def invert(params, rng, text_emb, text_mask, x0, lowres=None, aug_eps=None):
     _, cond, _ = _conditioning(
-      schedule, settings, rng, text_emb, text_mask, None, None, lowres, False
+      schedule, settings, rng, text_emb, text_mask, None, None, lowres, False, aug_eps
     )
     model_fn = _model_fn(apply_fn, params, schedule)
     return diffusion.invert(
@@ -268,9 +271,11 @@ def make_null_text_optimizer(
   trajectory, lowres=None) -> (nulls [steps, B, L, D], x0)``: null-text inversion
   (:func:`imagen_jax.diffusion.null_text_inversion`) of the U-Net under ``settings.guidance``."""
 
-  def optimize(params, rng, text_emb, text_mask, null_init, null_mask, trajectory, lowres=None):
+  def optimize(
+    params, rng, text_emb, text_mask, null_init, null_mask, trajectory, lowres=None, aug_eps=None
+  ):
     _, cond, (_, _, extra) = _conditioning(
-      schedule, settings, rng, text_emb, text_mask, null_init, null_mask, lowres, False
+      schedule, settings, rng, text_emb, text_mask, null_init, null_mask, lowres, False, aug_eps
     )
     model_fn = _model_fn(apply_fn, params, schedule)
 
