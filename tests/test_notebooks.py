@@ -24,6 +24,7 @@ def test_notebooks_are_committed_without_outputs():
     "02_train_on_your_images.ipynb",
     "03_real_t5_and_scale.ipynb",
     "04_prompt_to_prompt.ipynb",
+    "05_inpaint_and_invert.ipynb",
   ]
   for path in NOTEBOOKS:
     nb = nbformat.read(path, as_version=4)
@@ -48,7 +49,7 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
     TRANSFORMERS_OFFLINE="1",
     PYDEVD_DISABLE_FILE_VALIDATION="1",
   )
-  if path.stem == "04_prompt_to_prompt":
+  if path.stem in ("04_prompt_to_prompt", "05_inpaint_and_invert"):
     env["IMAGEN_JAX_RUN"] = str(two_stage_run())  # the shared 2-step run: no training here
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(
