@@ -8,6 +8,12 @@
   python sample.py --workdir=runs/base64,runs/sr256,runs/sr1024 --prompt="a corgi"  # run/stage
   python sample.py --workdir=runs/base64 --mesh=data=2,fsdp=4   # weights FSDP-sharded
   python sample.py --multihost ...                   # every host of a TPU pod / SLURM job
+  python sample.py --init_image=x.png --mask=m.png --prompt="..."   # inpainting (white = new)
+  python sample.py --init_image=x.png --outpaint=left:16 --prompt="..."     # outpainting
+  python sample.py --init_image=x.png --variations --prompt="its caption" --num_images=4
+  python sample.py --interpolate=a.png,b.png --frames=8 --prompt="a's caption" --prompt="b's"
+  python sample.py --init_image=x.png --prompt="its caption" --text_diff="target" --eta=0,0.5,1
+  python sample.py --init_image=x.png --invert --prompt="its caption" [--edit_prompt="..."]
 
 Installed, the same command is `imagen-jax-sample`. The flags and the code are in
 imagen_jax/tools/sample.py. See README.md ("Sampling") for every option.

@@ -144,6 +144,7 @@ def _inputs(tmp: Path) -> None:
 
 TRAIN, SAMPLE = str(ROOT / "train.py"), str(ROOT / "sample.py")
 CI, RUN = "--config=shapes:ci", "--workdir={tmp}/run"
+INIT = "--init_image={tmp}/low.png"
 
 
 def _train(names: str, *argv: str, env: tuple = ()) -> Case:
@@ -216,6 +217,41 @@ MISTAKES = {
   ),
   "sample_reweight_malformed": _sample(
     "--reweight", RUN, "--prompt=a red circle", "--edit_prompt=a red circle", "--reweight=red"
+  ),
+  # sample.py's image operations: misuse fails before the (absent) checkpoint is loaded.
+  "sample_mask_and_outpaint": _sample(
+    "--mask and --outpaint", RUN, INIT, "--mask={tmp}/low.png", "--outpaint=left:8"
+  ),
+  "sample_variations_with_edit_prompt": _sample(
+    "--edit_prompt does not apply to --variations",
+    RUN,
+    INIT,
+    "--prompt=a red circle",
+    "--variations",
+    "--edit_prompt=a blue circle",
+  ),
+  "sample_mask_without_init_image": _sample(
+    "--mask needs --init_image", RUN, "--prompt=a", "--mask={tmp}/low.png"
+  ),
+  "sample_strength_with_mask": _sample(
+    "--strength does not apply to --mask", RUN, INIT, "--mask={tmp}/low.png", "--strength=0.5"
+  ),
+  "sample_resample_without_mask": _sample(
+    "--resample needs --mask or --outpaint", RUN, "--resample=10"
+  ),
+  "sample_interpolate_one_frame": _sample(
+    "--frames", RUN, "--interpolate={tmp}/low.png,{tmp}/low.png", "--prompt=a", "--frames=1"
+  ),
+  "sample_outpaint_too_wide": _sample(  # the last stage's size comes from config.json
+    "--outpaint=left:40,right:30", RUN, INIT, "--prompt=a", "--outpaint=left:40,right:30"
+  ),
+  "sample_missing_mask": _sample("--mask", RUN, INIT, "--prompt=a", "--mask={tmp}/no_mask.png"),
+  "sample_black_mask": _sample("no white pixels", RUN, INIT, "--prompt=a", "--mask={tmp}/low.png"),
+  "sample_text_diff_bad_eta": _sample(
+    "--eta", RUN, INIT, "--prompt=a", "--text_diff=b", "--eta=0,x"
+  ),
+  "sample_invert_two_prompts": _sample(
+    "--invert takes exactly one --prompt", RUN, INIT, "--invert", "--prompt=a", "--prompt=b"
   ),
   # The tools.
   "compile_check_missing_config": _tool("compile_check", "--config", "--config={tmp}/no.py"),

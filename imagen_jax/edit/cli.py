@@ -24,6 +24,7 @@ from imagen_jax.edit.attention_edit import PromptToPrompt
 from imagen_jax.edit.attention_maps import overlay
 from imagen_jax.edit.prompt_to_prompt import prompt_to_prompt
 from imagen_jax.sample import cli as sample_cli
+from imagen_jax.sample.inversion import CascadeInversion
 
 
 def parse_reweight(items: Sequence[str]) -> dict[str, float]:
@@ -64,7 +65,6 @@ def run(
   Returns:
     The written paths (as :func:`imagen_jax.sample.cli.run`), plus ``"attention"``: the map PNGs.
   """
-  n = 1 + len(edit_prompts)
   prep = sample_cli.prepare(
     workdir=workdir,
     settings=settings,
@@ -72,10 +72,55 @@ def run(
     start_stage=start_stage,
     init_image=init_image,
     strength=strength,
-    max_batch=max(max_batch, n),
+    max_batch=max(max_batch, 1 + len(edit_prompts)),
     compilation_cache=compilation_cache,
     mesh=mesh,
   )
+  return edit_prepared(
+    prep,
+    source_prompt=source_prompt,
+    edit_prompts=edit_prompts,
+    edit=edit,
+    attention_maps=attention_maps,
+    seed=seed,
+    outdir=outdir,
+    negative_prompt=negative_prompt,
+    start_stage=start_stage,
+    init_image=init_image,
+    strength=strength,
+  )
+
+
+def edit_prepared(
+  prep: sample_cli.Prepared,
+  *,
+  source_prompt: str,
+  edit_prompts: Sequence[str],
+  edit: PromptToPrompt,
+  attention_maps: bool = False,
+  seed: int = 0,
+  outdir: str | None = None,
+  negative_prompt: str | None = None,
+  start_stage: str | None = None,
+  init_image: str | None = None,
+  strength: float | None = None,
+  inversion: CascadeInversion | None = None,
+  meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+  """:func:`run` on a loaded cascade (``prep.init``: the ``init_image`` read, or None).
+
+  Args:
+    prep: the cascade and inputs (:func:`imagen_jax.sample.cli.prepare`).
+    inversion: edit a real image: its inversion under ``source_prompt`` (passed through to
+      :func:`prompt_to_prompt`; see :func:`imagen_jax.edit.image_cli.invert`).
+    meta: more ``metadata.json`` entries (they override the defaults).
+    source_prompt, edit_prompts, edit, attention_maps, seed, outdir, negative_prompt,
+      start_stage, init_image, strength: as for :func:`run`.
+
+  Returns:
+    The written paths, as :func:`run`.
+  """
+  n = 1 + len(edit_prompts)
   init = None if prep.init is None else prep.init.repeat(n, axis=0)
   result = prompt_to_prompt(
     prep.cascade,
@@ -87,6 +132,7 @@ def run(
     start_stage=start_stage,
     init_image=init,
     strength=strength,
+    inversion=inversion,
   )
   meta = {
     "seed": seed,
@@ -95,6 +141,7 @@ def run(
     "init_image": init_image,
     "strength": strength,
     "edit": {"source_prompt": source_prompt, "edit_prompts": list(edit_prompts), **edit.as_dict()},
+    **(meta or {}),
   }
   grid = sample_cli.stage_grid(result.images, by_stage_rows=True)
   paths = sample_cli.write_outputs(result.images, result.prompts, prep, outdir, meta, grid=grid)

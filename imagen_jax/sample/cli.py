@@ -95,21 +95,21 @@ def read_prompts(
   raise ValueError("no prompts: pass --prompt=... (repeatable) or --prompts_file=...")
 
 
-def _load_image(path: str) -> np.ndarray:
-  """``--init_image`` as ``[1, H, W, 3]`` float32 in [-1, 1].
+def load_image(path: str, flag: str = "--init_image") -> np.ndarray:
+  """An image file given by ``flag`` as ``[1, H, W, 3]`` float32 in [-1, 1].
 
   Raises:
     ValueError: the file is missing, unreadable or not a decodable image (names the flag).
   """
   if not os.path.isfile(path):
-    raise ValueError(f"--init_image={path}: no such file; pass a PNG or JPEG image")
+    raise ValueError(f"{flag}={path}: no such file; pass a PNG or JPEG image")
   try:
     with Image.open(path) as img:
       rgb = to_rgb(img)  # decodes: a truncated file fails here, not at open
   except (OSError, SyntaxError, Image.DecompressionBombError, BadExample) as e:
     # PIL reports a corrupt file as UnidentifiedImageError (an OSError), a broken chunk as
     # OSError or SyntaxError; to_rgb reports an unconvertible mode as BadExample.
-    raise ValueError(f"--init_image={path}: not a readable image ({e}); pass a PNG or JPEG") from e
+    raise ValueError(f"{flag}={path}: not a readable image ({e}); pass a PNG or JPEG") from e
   return np.asarray(rgb, np.float32)[None] / 127.5 - 1.0
 
 
@@ -201,7 +201,7 @@ def prepare(
   first = _check_start(stage_configs, names, start_stage, init_image, strength)
   init = None
   if init_image:
-    init = _load_image(init_image)
+    init = load_image(init_image)
     _check_init_size(init, init_image, first, strength)
   workdirs = [d for d, _ in runs]
   cascade = Cascade.from_workdir(

@@ -2,9 +2,12 @@
 
   imagen-jax-sample --workdir=runs/shapes --prompt="a large blue square in the center"
 
-What it does is :func:`imagen_jax.sample.cli.run`; every flag is checked (and ``--init_image``
-read) before a checkpoint is loaded, and a mistake is one ``error: ...`` line
-(:mod:`imagen_jax.tools.cli`).
+What it does is :func:`imagen_jax.sample.cli.run`, :func:`imagen_jax.edit.cli.run`
+(prompt-to-prompt, ``--edit_prompt``) or one of :mod:`imagen_jax.edit.image_cli`'s operations on
+real images (``--mask``, ``--outpaint``, ``--variations``, ``--interpolate``, ``--text_diff``,
+``--invert``: one per run, see :func:`~imagen_jax.edit.image_cli.check_flags`); every flag is
+checked (and every input image read) before a checkpoint is loaded, and a mistake is one
+``error: ...`` line (:mod:`imagen_jax.tools.cli`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from absl import logging as absl_logging
 
 from imagen_jax import sharding
 from imagen_jax.edit import cli as edit_cli
+from imagen_jax.edit import image_cli
 from imagen_jax.edit.attention_edit import MODES, PromptToPrompt
 from imagen_jax.sample import cli as sample_cli
 from imagen_jax.tools import cli
@@ -71,6 +75,32 @@ _REWEIGHT = flags.DEFINE_multi_string("reweight", [], "WORD:SCALE attention scal
 _BLEND = flags.DEFINE_list("local_blend", None, "Words whose maps confine the edit: red,blue")
 _EDIT_STAGES = flags.DEFINE_list("edit_stages", None, "Stages that get the edit (default: all).")
 _MAPS = flags.DEFINE_bool("attention_maps", False, "Write per-word attention overlays (PNG).")
+# Editing real images (imagen_jax.edit.image_cli): one operation per run.
+_MASK = flags.DEFINE_string("mask", None, "Inpaint --init_image: a PNG, white = regenerate.")
+_OUTPAINT = flags.DEFINE_list(
+  "outpaint", None, "Outpaint --init_image by margins in last-stage pixels: left:16,right:8,top:8"
+)
+_RESAMPLE = flags.DEFINE_integer("resample", None, "In/outpainting: RePaint resamplings (1).")
+_JUMP = flags.DEFINE_integer("jump", None, "In/outpainting: RePaint jump length, in steps (1).")
+_VARIATIONS = flags.DEFINE_bool(
+  "variations", False, "--num_images variations of --init_image (one --prompt: its caption)."
+)
+_STOCHASTICITY = flags.DEFINE_float("stochasticity", 0.5, "Variations: DDIM eta (0 = the image).")
+_INTERPOLATE = flags.DEFINE_list(
+  "interpolate", None, "Interpolate a.png,b.png (one --prompt for both, or one each); GIF too."
+)
+_FRAMES = flags.DEFINE_integer("frames", 8, "Interpolation frames, the two images included.")
+_TEXT_DIFF = flags.DEFINE_string(
+  "text_diff", None, "Text-diff edit of --init_image toward this prompt (--prompt: its caption)."
+)
+_ETA = flags.DEFINE_list("eta", ["0.5"], "Text diff: how far to go, e.g. 0,0.5,1 (an image each).")
+_INVERT = flags.DEFINE_bool(
+  "invert",
+  False,
+  "Invert --init_image under --prompt: its reconstruction and PSNR; with --edit_prompt, "
+  "prompt-to-prompt on the image.",
+)
+_NULL_TEXT = flags.DEFINE_bool("null_text", True, "--invert: null-text inversion (under guidance).")
 flags.DEFINE_bool("debug", False, cli.DEBUG_HELP)
 _EDIT_ONLY = ("edit", "cross_replace", "self_replace", "reweight", "local_blend", "edit_stages")
 
@@ -96,6 +126,56 @@ def _edit_settings() -> PromptToPrompt | None:
   )
 
 
+def _edit_image(op: str, edit: PromptToPrompt | None, source: dict) -> dict:
+  """Runs the image operation ``op`` (flags checked by :func:`image_cli.check_flags`)."""
+  prompts, kw = list(_PROMPT.value or []), dict(seed=_SEED.value, outdir=_OUTDIR.value)
+  if op in ("mask", "outpaint"):
+    return image_cli.inpaint(
+      source,
+      init_image=_INIT.value,
+      prompts=sample_cli.read_prompts(prompts, _PROMPTS_FILE.value, _WORKDIR.value),
+      mask=_MASK.value,
+      outpaint=image_cli.parse_outpaint(_OUTPAINT.value) if _OUTPAINT.value else None,
+      num_images=_NUM.value,
+      resample=_RESAMPLE.value or 1,
+      jump=_JUMP.value or 1,
+      negative_prompt=_NEGATIVE.value,
+      **kw,
+    )
+  if op == "variations":
+    return image_cli.variations(
+      source,
+      init_image=_INIT.value,
+      prompt=prompts[0],
+      num_images=_NUM.value,
+      stochasticity=_STOCHASTICITY.value,
+      **kw,
+    )
+  if op == "interpolate":
+    return image_cli.interpolate(
+      source, images=_INTERPOLATE.value, prompts=prompts, frames=_FRAMES.value, **kw
+    )
+  if op == "text_diff":
+    return image_cli.text_diff(
+      source,
+      init_image=_INIT.value,
+      source_prompt=prompts[0],
+      target_prompt=_TEXT_DIFF.value,
+      eta=image_cli.parse_eta(_ETA.value),
+      **kw,
+    )
+  return image_cli.invert(
+    source,
+    init_image=_INIT.value,
+    prompt=prompts[0],
+    null_text=_NULL_TEXT.value,
+    edit_prompts=_EDIT_PROMPT.value or (),
+    edit=edit,
+    attention_maps=_MAPS.value,
+    **kw,
+  )
+
+
 def main(argv: list[str]) -> None:
   """Samples from ``--workdir`` (absl main: flags are parsed)."""
   cli.reject_positional(argv)
@@ -103,24 +183,31 @@ def main(argv: list[str]) -> None:
   # The flags that need no run are checked first: a typo costs nothing.
   settings = sample_cli.parse_settings(_SET.value)
   mesh = sharding.parse_mesh(_MESH.value) or None
+  given = {n: flags.FLAGS[n].value for n in image_cli.FLAGS if flags.FLAGS[n].present}
+  op = image_cli.check_flags(given)
   if _MULTIHOST.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   edit = _edit_settings()
-  common = dict(
+  source = dict(
     workdir=_WORKDIR.value,
-    seed=_SEED.value,
-    outdir=_OUTDIR.value,
     settings=settings,
-    negative_prompt=_NEGATIVE.value,
     stages=_STAGES.value,
-    start_stage=_START.value,
-    init_image=_INIT.value,
-    strength=_STRENGTH.value,
     max_batch=_MAX_BATCH.value,
     compilation_cache=_CACHE.value,
     mesh=mesh,
   )
-  if edit is not None:
+  common = dict(
+    seed=_SEED.value,
+    outdir=_OUTDIR.value,
+    negative_prompt=_NEGATIVE.value,
+    start_stage=_START.value,
+    init_image=_INIT.value,
+    strength=_STRENGTH.value,
+    **source,
+  )
+  if op is not None:
+    paths = _edit_image(op, edit, source)
+  elif edit is not None:
     paths = edit_cli.run(
       source_prompt=_PROMPT.value[0],
       edit_prompts=_EDIT_PROMPT.value,
@@ -136,6 +223,11 @@ def main(argv: list[str]) -> None:
   print(f"Wrote {len(paths['images'])} images, grid {paths['grid']}")
   if paths.get("attention"):
     print(f"Wrote {len(paths['attention'])} attention-map images")
+  for key in ("canvas", "mask", "gif"):
+    if paths.get(key):
+      print(f"Wrote {paths[key]}")
+  for stage, db in (paths.get("psnr") or {}).items():
+    print(f"Reconstruction PSNR ({stage}): " + ("exact" if db is None else f"{db} dB"))
   print(f"Images are in {paths['outdir']}")
 
 
