@@ -29,6 +29,7 @@ _SETTING_TYPES = {
   "percentile": float,
   "aug_level": float,
   "eta": float,
+  "noise_scale": float,
 }
 # Checked here, so that a typo fails before any checkpoint is loaded (the samplers check too).
 _SETTING_CHOICES = {"sampler": diffusion.SAMPLERS, "thresholding": diffusion.THRESHOLD_MODES}
