@@ -231,3 +231,31 @@ def test_sample_py_edit_writes_grid_maps_and_metadata(workdir, tmp_path):
   assert (tmp_path / "attention_base_001.png").is_file()
   assert (tmp_path / "attention_sr_000_red.png").is_file()
   assert (tmp_path / "001_sr.png").is_file()
+
+
+def test_rows_attending_only_to_text_stay_finite_distributions():
+  """A source row whose mass is all on text (image columns 0 or denormal, 1 − text mass
+  rounding to ≤ 0) is injected into an edit that attends to pixels: the rescaling must stay
+  finite and keep every row a distribution (it overflowed to NaN: a black image in the bench)."""
+  b, heads, hw, length, steps = 2, 1, 4, 3, 1
+  text = np.full((2 * b, heads, hw, length), 0.1, np.float32)
+  image = np.full((2 * b, heads, hw, hw), 0.7 / hw, np.float32)
+  text[0] = np.float32(1.0) / length  # the source: all on text ...
+  image[0] = 0.0
+  image[0, 0, 0, 0] = 1e-38  # ... with a denormal left in one row
+  data = {
+    "matrix": jnp.stack([jnp.eye(length)] * b),
+    "has_source": jnp.ones((b, length)),
+    "weights": jnp.asarray([[1.0] * length, [1.0, 0.5, 1.0]]),
+    "cross": jnp.ones((steps, b, length)),
+    "self": jnp.asarray([[0.0, 1.0]]),
+    "blend_tokens": jnp.zeros((b, length)),
+    "blend": jnp.zeros(steps),
+  }
+  spec = StageEdit(edits=True, record=False, self_replace=True, self_max_res=8, map_res=2,
+                   local_blend=False, blend_threshold=0.3)  # fmt: skip
+  ctrl = spec.controller(jnp.int32(0), spec.init_state(data, b), data, cond_batch=b)
+  new_image, new_text = ctrl.edit("s", jnp.asarray(image), jnp.asarray(text), hw=(2, 2))
+  assert np.isfinite(np.asarray(new_image)).all() and np.isfinite(np.asarray(new_text)).all()
+  total = np.asarray(new_image).sum(-1) + np.asarray(new_text).sum(-1)
+  np.testing.assert_allclose(total, 1.0, rtol=1e-5)

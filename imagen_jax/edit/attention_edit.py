@@ -47,6 +47,8 @@ from imagen_jax.models.attention_control import AttentionController
 MODES = ("replace", "refine", "reweight")
 Fraction = float | tuple[float, float]
 
+_TINY = 1e-30  # below this a row has no image mass to rescale
+
 
 @dataclasses.dataclass(frozen=True)
 class PromptToPrompt:
@@ -182,15 +184,25 @@ class _EditController(AttentionController):
     # Rescale a row's image columns only where its text columns changed, and take the source's
     # where they equal the source's: exact comparisons, so that unchanged rows (and edits equal
     # to the source) keep their pixels bit for bit whatever order XLA sums the masses in.
-    m_old, m_new = cond.sum(-1, keepdims=True), new.sum(-1, keepdims=True)  # [B, N, HW, 1]
+    # A row's image mass is summed from its own columns: 1 − (text mass) cancels catastrophically
+    # for rows that attend (almost) only to text, and rescaling by it overflowed to inf / NaN.
+    m_new = new.sum(-1, keepdims=True)  # [B, N, HW, 1]
     keep = jnp.maximum(1.0 - m_new, 0.0)  # the row's image mass after the text edit
+    mass = img.sum(-1, keepdims=True)
     unchanged = jnp.all(new == cond, axis=-1, keepdims=True)
-    ratio = jnp.where(unchanged, 1.0, keep / jnp.maximum(1.0 - m_old, 1e-30))
+    # Every entry is <= its row's mass, so img * keep / mass <= keep: never overflows.
+    ratio = jnp.where(unchanged, 1.0, keep / jnp.maximum(mass, _TINY))
     new_img = img * ratio
+    # A row without image mass cannot take the kept mass: its text columns are renormalised.
+    dead = ~unchanged & (mass <= _TINY)
+    new = jnp.where(dead, new / jnp.maximum(m_new, _TINY), new)
+    new_text = jnp.concatenate([new, text_probs[b:]], axis=0)
     if self.spec.self_replace and hw[0] * hw[1] <= self.spec.self_max_res**2:
       like_src = jnp.all(new == src, axis=-1, keepdims=True)
-      src_ratio = jnp.where(like_src, 1.0, keep / jnp.maximum(1.0 - m_old[:1], 1e-30))
-      from_src = img[:1] * src_ratio
+      src_mass = img[:1].sum(-1, keepdims=True)
+      src_ratio = jnp.where(like_src, 1.0, keep / jnp.maximum(src_mass, _TINY))
+      # Where the source row has no image mass, the edit keeps its own rescaled columns.
+      from_src = jnp.where(src_mass <= _TINY, new_img, img[:1] * src_ratio)
       s = d["self"][i][:, None, None, None]  # [B, 1, 1, 1]
       new_img = from_src * s + new_img * (1.0 - s)
     return jnp.concatenate([new_img, image_probs[b:]], axis=0), new_text
