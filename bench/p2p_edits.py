@@ -13,7 +13,10 @@ evaluator's ``analyze_image`` on the source and the edit). Reweighting: the mean
 of "a large …" prompts with the weight of "large" at 0.25 / 1 / 4 (monotone is the aim).
 
 Cost: steady-state seconds of one edit (1 source + 1 target) vs plain sampling of the same 2
-prompts, same steps and settings, side by side in one process. Appends to bench/results.jsonl.
+prompts, same steps and settings, side by side in one process. Appends to bench/results.jsonl;
+the quality run writes ``docs/p2p_colour_swaps.png`` (rows: source | prompt-to-prompt edit |
+plain resampling of the edited prompt) and ``docs/p2p_reweight.png`` (rows: "large" at
+weight 0.25 | 1 | 4, then "small" likewise).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
+from PIL import Image
 
 from bench.common import machine_info, record
+from imagen_jax import metrics
 from imagen_jax.data import shapes as ds
 from imagen_jax.edit import prompt_to_prompt
 from imagen_jax.evaluators.shapes import analyze_image
@@ -82,6 +87,8 @@ def main() -> None:
   if not args.cost_only:
     rng = np.random.default_rng(0)
     colours = list(ds.COLORS)
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+    swaps, reweights = [], {}
     kept = {"p2p": [], "plain": []}
     recoloured = {"p2p": [], "plain": []}
     for i in range(args.num):
@@ -92,6 +99,8 @@ def main() -> None:
       edit = prompt_to_prompt(cascade, source, target, seed=i, settings=settings, progress=False)
       plain = cascade([target], seed=i, settings=settings, progress=False)[final][0]
       base = _largest(edit.images[final][0])
+      if i < 8:
+        swaps += [edit.images[final][0], edit.images[final][1], plain]
       for name, image in (("p2p", edit.images[final][1]), ("plain", plain)):
         obj = _largest(image)
         recoloured[name].append(obj is not None and obj.color == new)
@@ -100,21 +109,31 @@ def main() -> None:
           and base is not None
           and (obj.shape, obj.size, obj.position) == (base.shape, base.size, base.position)
         )
-    sizes = {}
-    for w in (0.25, 1.0, 4.0):
-      radii = []
-      for i in range(min(args.num, 8)):
-        prompt = f"a large {colours[i % len(colours)]} circle in the center"
-        r = prompt_to_prompt(cascade, prompt, prompt, seed=i, settings=settings, progress=False,
-                             mode="reweight", reweight={"large": w})  # fmt: skip
-        obj = _largest(r.images[final][1])
-        radii.append(obj.radius if obj is not None else np.nan)
-      found = [r for r in radii if np.isfinite(r)]
-      sizes[w] = float(np.mean(found)) if found else float("nan")
+    sizes = {"large": {}, "small": {}}
+    for word in ("large", "small"):
+      for w in (0.25, 1.0, 4.0):
+        radii = []
+        for i in range(min(args.num, 8)):
+          prompt = f"a {word} {colours[i % len(colours)]} circle in the center"
+          r = prompt_to_prompt(cascade, prompt, prompt, seed=i, settings=settings, progress=False,
+                               mode="reweight", reweight={word: w})  # fmt: skip
+          obj = _largest(r.images[final][1])
+          if i < 4:
+            reweights.setdefault((word, i), []).append(r.images[final][1])
+          radii.append(obj.radius if obj is not None else np.nan)
+        found = [r for r in radii if np.isfinite(r)]
+        sizes[word][w] = float(np.mean(found)) if found else float("nan")
     for name in ("p2p", "plain"):
       result[f"{name}_recolour_rate"] = float(np.mean(recoloured[name]))
       result[f"{name}_kept_rate"] = float(np.mean(kept[name]))
-    result["reweight_large_radius"] = {str(k): v for k, v in sizes.items()}
+    for word, by_w in sizes.items():
+      result[f"reweight_{word}_radius"] = {str(k): v for k, v in by_w.items()}
+    grid = metrics.image_grid(np.stack(swaps), ncols=3)
+    Image.fromarray(grid).save(os.path.join(docs, "p2p_colour_swaps.png"))
+    rows = [im for i in sorted(reweights) for im in reweights[i]]
+    Image.fromarray(metrics.image_grid(np.stack(rows), ncols=3)).save(
+      os.path.join(docs, "p2p_reweight.png")
+    )
     print({k: v for k, v in result.items() if "rate" in k or "radius" in k})
   record(result)
 
