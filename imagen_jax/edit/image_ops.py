@@ -270,9 +270,10 @@ def interpolate(
   linear interpolation of their text embeddings. The end frames reconstruct the inputs."""
   if frames < 2:
     raise ValueError(f"frames must be >= 2, got {frames}")
-  images = np.concatenate([_batch(image_a, 1, "image_a"), _batch(image_b, 1, "image_b")])
-  if images.shape[0] != 2:
-    raise ValueError("image_a and image_b must be single images of one size")
+  a, b = _batch(image_a, 1, "image_a"), _batch(image_b, 1, "image_b")
+  if a.shape != b.shape:
+    raise ValueError(f"image_a {a.shape[1:3]} and image_b {b.shape[1:3]} must have one size")
+  images = np.concatenate([a, b])
   inv = invert_cascade(cascade, images, [prompt_a, prompt_b], seed=seed, settings=settings)
   emb, mask = _embed(cascade, [prompt_a, prompt_b])
   alphas = np.linspace(0.0, 1.0, frames, dtype=np.float32)
