@@ -3,8 +3,9 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sample_mesh_worker.py WORKDIR OUT
 
 Writes ``OUT/<case>.npz`` (one array per stage) for each case: the same prompts and seed on one
-device, on data=8 and on data=2 × fsdp=2 × tensor=2, plus upscale-only and img2img on data=8;
-``OUT/placement.json`` records how the weights were laid out.
+device, on data=8 and on data=2 × fsdp=2 × tensor=2, plus upscale-only and img2img on data=8,
+and inpainting and null-text inversion + reconstruction (imagen_jax.edit.image_ops) on one device
+and on data=2 × fsdp=2 × tensor=2; ``OUT/placement.json`` records how the weights were laid out.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 
 from imagen_jax import sharding
+from imagen_jax.edit import image_ops
 from imagen_jax.sample.cascade import Cascade
 
 PROMPTS = ["a small red circle at the top left", "a large blue square in the center", "a cat"]
@@ -61,6 +63,22 @@ def main(workdir: str, out: str) -> None:
     out_dir / "img2img_one.npz",
     **one(PROMPTS, seed=3, init_image=np.tanh(low), strength=0.6, progress=False),
   )
+  mask = np.zeros((len(PROMPTS), 64, 64), bool)
+  mask[:, 16:48, 8:40] = True
+  steps = {"base": {"steps": 4}, "sr": {"steps": 4}}
+  for case in ("one", "d2f2t2"):
+    c = Cascade.from_workdir(workdir, max_batch=4, mesh=meshes[case])
+    np.savez(
+      out_dir / f"inpaint_{case}.npz",
+      **image_ops.inpaint(c, up["sr"], mask, PROMPTS[::-1], seed=1, resample=2, jump=1,
+                          settings=steps, progress=False),
+    )  # fmt: skip
+    inv = image_ops.invert(c, up["sr"], PROMPTS, settings=steps, null_text=True, inner_steps=3)
+    plain = inv.inputs(null_text=False)
+    full = {k: {**steps[k], **v} for k, v in inv.settings.items()}
+    rec = c.generate(PROMPTS, seed=inv.seed, settings=full, inputs=plain, progress=False)[0]
+    np.savez(out_dir / f"reconstruct_{case}.npz", **rec)
+    np.savez(out_dir / f"inversion_{case}.npz", **{k: v.latent for k, v in inv.stages.items()})
   (out_dir / "placement.json").write_text(json.dumps(placement))
 
 

@@ -55,12 +55,12 @@ def mesh_images(workdir, tmp_path_factory):
   return load, json.loads((out / "placement.json").read_text())
 
 
-def _assert_same(got: dict, want: dict, what: str) -> None:
+def _assert_same(got: dict, want: dict, what: str, atol: float = ATOL) -> None:
   assert list(got) == list(want), what
   for stage in want:
     assert got[stage].shape == want[stage].shape, (what, stage)
     err = float(np.max(np.abs(got[stage] - want[stage])))
-    assert err <= ATOL, f"{what}: stage {stage} differs by {err:.2e} (max-abs)"
+    assert err <= atol, f"{what}: stage {stage} differs by {err:.2e} (max-abs)"
 
 
 @pytest.mark.parametrize("case", ["data8", "d2f2t2"])
@@ -76,6 +76,20 @@ def test_cascade_on_8_devices_equals_one_device(mesh_images, case):
 def test_upscale_only_and_img2img_on_8_devices(mesh_images, kind):
   load, _ = mesh_images
   _assert_same(load(f"{kind}_data8"), load(f"{kind}_one"), kind)
+
+
+@pytest.mark.parametrize("kind", ["inpaint", "reconstruct", "inversion"])
+def test_inpainting_and_inversion_on_a_sharded_mesh(mesh_images, kind):
+  """Known pixels and masks, and inversion latents (with the SR stage's augmentation noise)
+  placed on data=2 × fsdp=2 × tensor=2 give the one-device results: inpainting to ATOL, the
+  latents and their reconstruction to 1e-4 (measured ~3e-6, 2e-5). The null-text conditions are
+  computed on the mesh too but not compared: on this 2-step model their gradients are so small
+  that Adam's normalised steps follow float rounding (7e-4 apart in the base, 0.1 in the SR stage,
+  while the latents agree to 3e-6)."""
+  load, _ = mesh_images
+  _assert_same(
+    load(f"{kind}_d2f2t2"), load(f"{kind}_one"), kind, ATOL if kind == "inpaint" else 1e-4
+  )
 
 
 def test_weights_are_replicated_by_default_and_sharded_with_fsdp_and_tensor(mesh_images):
