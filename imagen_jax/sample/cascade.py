@@ -441,9 +441,7 @@ class Cascade:
     _check_image(init, n, s0.image_size, "init_image (img2img)")
     lowres = None
     if s0.lowres_size is not None:
-      lowres = np.asarray(
-        jax.image.resize(init, (n, s0.lowres_size, s0.lowres_size, 3), "linear", antialias=True)
-      )
+      lowres = resize(init, s0.lowres_size)
     return stages, lowres, (init, float(strength))
 
   def _settings(self, stage: CascadeStage, overrides: dict | None) -> SamplerSettings:
@@ -549,6 +547,15 @@ class Cascade:
   def _put(self, x: np.ndarray, where: jax.sharding.NamedSharding) -> jax.Array:
     """A host array (the same in every process) as a global array on the mesh."""
     return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
+
+
+def resize(images: np.ndarray, size: int) -> np.ndarray:
+  """``[N, h, w, 3]`` → ``[N, size, size, 3]`` (antialiased linear; identity at the same size)."""
+  images = np.asarray(images, np.float32)
+  if images.shape[1:3] == (size, size):
+    return images
+  n = images.shape[0]
+  return np.asarray(jax.image.resize(images, (n, size, size, 3), "linear", antialias=True))
 
 
 def chunk_rng(key: jax.Array, stage_index: int, lo: int) -> np.ndarray:

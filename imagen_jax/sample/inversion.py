@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax import sharding
-from imagen_jax.sample.cascade import Cascade, StageInputs, _bucket, _to_host, chunk_rng
+from imagen_jax.sample.cascade import Cascade, StageInputs, _bucket, _to_host, chunk_rng, resize
 from imagen_jax.sample.stage import (
   SamplerSettings,
   make_null_text_optimizer,
@@ -74,15 +74,6 @@ class CascadeInversion:
         aug_eps=inv.aug_eps,
       )
     return out
-
-
-def resize(images: np.ndarray, size: int) -> np.ndarray:
-  """``[N, h, w, 3]`` → ``[N, size, size, 3]`` (antialiased linear; identity at the same size)."""
-  images = np.asarray(images, np.float32)
-  if images.shape[1:3] == (size, size):
-    return images
-  n = images.shape[0]
-  return np.asarray(jax.image.resize(images, (n, size, size, 3), "linear", antialias=True))
 
 
 def inversion_settings(settings: SamplerSettings) -> dict:
