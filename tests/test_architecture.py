@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
   "diffusion": 1,
   "models": 1,
   "text": 2,
+  "clip": 2,
   "data": 3,
   "config": 4,
   "checkpoint": 4,
