@@ -23,6 +23,7 @@ from imagen_jax.diffusion.gaussian import (
 from imagen_jax.diffusion.guidance import (
   THRESHOLD_MODES,
   classifier_free_guidance,
+  classifier_guidance,
   dynamic_threshold,
   guide,
   threshold,
@@ -67,6 +68,7 @@ __all__ = [
   "ancestral_step",
   "as_schedule",
   "classifier_free_guidance",
+  "classifier_guidance",
   "ddim_step",
   "denoise",
   "diffusion_loss",

@@ -1,4 +1,5 @@
-"""Classifier-free guidance (Ho & Salimans 2022; Imagen eq. (2)) and thresholding (Imagen §2.3)."""
+"""Classifier-free guidance (Ho & Salimans 2022; Imagen eq. (2)), classifier guidance (Dhariwal &
+Nichol 2021; GLIDE §2.3, e.g. CLIP guidance) and thresholding (Imagen §2.3)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax.diffusion import gaussian
+from imagen_jax.diffusion.schedules import Schedule, alpha_sigma, as_schedule
+
 Array = jax.Array
 ConditionalModelFn = Callable[[Array, Array, Any], Array]
 ModelFn = Callable[[Array, Array], Array]
+# log p(c | x_t) per example, [B], from (x_t [B, ...], t [B], x̂0 [B, ...]): a noised classifier
+# reads x_t and t (GLIDE's noised CLIP), a clean one scores the model's x̂0 (CLIP on the denoised
+# image).
+LogProbFn = Callable[[Array, Array, Array], Array]
 
 THRESHOLD_MODES = ("none", "static", "dynamic")
 
@@ -110,6 +118,67 @@ def classifier_free_guidance(
       )
     pred_cond, pred_uncond = both[:batch], both[batch:]
     return guide(pred_cond, pred_uncond, guidance_scale)
+
+  return guided_fn
+
+
+def classifier_guidance(
+  model_fn: ModelFn,
+  log_prob_fn: LogProbFn,
+  scale: Array | float,
+  schedule: Schedule | str,
+  pred_type: str,
+  *,
+  grad_through_model: bool = False,
+) -> ModelFn:
+  """Wraps ``model_fn(x_t, t)`` so that it samples p(x) p(c | x)^s (Dhariwal & Nichol 2021 Alg. 2;
+  GLIDE §2.3, which uses CLIP as the classifier) by shifting its noise prediction:
+
+    ε̂' = ε̂ − s σ_t ∇_{x_t} log p(c | x_t),        x̂0' = (x_t − σ_t ε̂') / α_t = x̂0 + s σ_t²/α_t ∇.
+
+  (σ_t ∇ log p(x_t) = −ε̂ is the score in ε form, so this adds s times the classifier's score.) The
+  shifted pair goes back to ``pred_type``, so the wrapper drops into every sampler, after
+  classifier-free guidance (wrap the CFG-guided ``model_fn``) and before thresholding.
+
+  ``log_prob_fn(x_t, t, x̂0)`` may read x_t and t (a noised classifier: the gradient is exact) or
+  the model's x̂0 (a clean classifier such as CLIP on the denoised image). For the latter the
+  gradient follows x̂0 = (x_t − σ ε̂)/α with ε̂ held fixed (∂x̂0/∂x_t = 1/α: no backward pass through
+  the U-Net), or, with ``grad_through_model``, through the model as well (one more backward pass
+  of the U-Net per step; the exact gradient of log p(c | x̂0(x_t))).
+
+  Args:
+    model_fn: ``model_fn(x_t, t) -> pred`` (already CFG-guided, if guided).
+    log_prob_fn: ``(x_t, t, x0) -> [B]`` log-probabilities (up to a constant).
+    scale: s ≥ 0, scalar or ``[B]``.
+    schedule: the noise schedule (t → λ_t).
+    pred_type: what ``model_fn`` predicts (``eps``, ``x0``, ``v``).
+    grad_through_model: differentiate x̂0 through ``model_fn`` too.
+
+  Returns:
+    ``guided_fn(x_t, t) -> pred`` of the same parameterisation.
+  """
+  check_guidance_scale(scale)
+  gaussian.check_pred_type(pred_type)
+  schedule = as_schedule(schedule)
+
+  def guided_fn(x_t: Array, t: Array) -> Array:
+    logsnr = schedule(t)  # [B]
+    alpha, sigma = alpha_sigma(gaussian.broadcast_to_x(logsnr, x_t))  # [B, 1, ..., 1]
+
+    def log_prob(x):  # Σ_b log p(c_b | x_b): the sum's gradient is each example's own
+      pred = model_fn(x, t) if grad_through_model else jax.lax.stop_gradient(fixed_pred)
+      x0, eps = gaussian.to_x0_eps(pred, x, logsnr, pred_type)
+      if not grad_through_model:  # x̂0 = (x − σ ε̂) / α with ε̂ fixed
+        x0 = (x - sigma * jax.lax.stop_gradient(eps)) / alpha
+      return jnp.sum(log_prob_fn(x, t, x0).astype(jnp.float32)), pred
+
+    fixed_pred = None if grad_through_model else model_fn(x_t, t)
+    grad, pred = jax.grad(log_prob, has_aux=True)(x_t)  # ∇_{x_t} log p(c | x_t), [B, ...]
+    x0, eps = gaussian.to_x0_eps(pred, x_t, logsnr, pred_type)
+    s = gaussian.broadcast_to_x(jnp.asarray(scale, jnp.float32), x_t, "scale")
+    eps = eps - s * sigma * grad
+    x0 = x0 + s * sigma**2 / alpha * grad
+    return gaussian.pred_from_x0_eps(x0, eps, logsnr, pred_type).astype(pred.dtype)
 
   return guided_fn
 

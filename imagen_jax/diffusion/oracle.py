@@ -108,3 +108,33 @@ def mixture_pred(
   post = jax.nn.softmax(jnp.stack(logits, axis=0), axis=0)  # [K, B]
   post = post.reshape(post.shape + (1,) * (x_t.ndim - 1))
   return jnp.sum(post * jnp.stack(preds, axis=0), axis=0)
+
+
+def gaussian_classifier_log_prob(
+  x_t: Array, logsnr: Array, mean: Array, std: Array, target: Array, tau: float
+) -> Array:
+  """The noised form of a Gaussian "classifier" log p(c | x0) = −‖x0 − m‖² / (2τ) for Gaussian data
+  x0 ~ N(μ, s²): with x0 | x_t ~ N(x̂0, v), v = s² σ² / (α² s² + σ²),
+
+    log p(c | x_t) = log ∫ p(c | x0) p(x0 | x_t) dx0 = −Σ (m − x̂0)² / (2 (τ + v)) − ½ Σ log(τ + v),
+
+  per example, ``[B]`` (the second term does not depend on x_t). Classifier guidance with this
+  and the exact denoiser samples the tilted data distribution exactly (:func:`tilted_gaussian`).
+  """
+  alpha, sigma = _scales(x_t, logsnr)
+  var_t = alpha**2 * std**2 + sigma**2
+  x0 = mean + alpha * std**2 / var_t * (x_t - alpha * mean)  # E[x0 | x_t]
+  total = tau + std**2 * sigma**2 / var_t  # τ + Var[x0 | x_t]
+  log_p = -((target - x0) ** 2) / (2.0 * total) - 0.5 * jnp.log(total)
+  return log_p.reshape(x_t.shape[0], -1).sum(axis=1)
+
+
+def tilted_gaussian(
+  mean: Array, std: Array, target: Array, tau: float, scale: float = 1.0
+) -> tuple[Array, Array]:
+  """Mean and std of p(x0) p(c | x0)^s for x0 ~ N(μ, s²) and log p(c | x0) = −‖x0 − m‖² / (2τ):
+
+  1/s*² = 1/s² + s/τ,    μ* = s*² (μ / s² + s m / τ).
+  """
+  var = 1.0 / (1.0 / std**2 + scale / tau)
+  return var * (mean / std**2 + scale * target / tau), jnp.sqrt(var)

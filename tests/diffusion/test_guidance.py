@@ -179,3 +179,92 @@ def test_bad_percentile(percentile):
 def test_bad_mode():
   with pytest.raises(ValueError, match="thresholding mode"):
     guidance.threshold(jnp.ones((1, 2)), "clip")
+
+
+# ---- classifier guidance (GLIDE §2.3) against closed-form Gaussian data and classifier ----
+
+
+@pytest.mark.parametrize(
+  "sampler,pred_type,steps",
+  [("ancestral", "eps", 1000), ("ddim", "v", 400), ("dpmpp_2m", "x0", 100)],
+)
+def test_classifier_guidance_samples_the_tilted_gaussian(sampler, pred_type, steps):
+  """Exact ε of N(μ, s²) + the exact noised Gaussian classifier: guided sampling reproduces the
+  mean and variance of p(x) p(c | x) (closed form), far from the unguided N(μ, s²).
+
+  (Scale 1: s log p_t(c | x_t) is not the noised form of p(c | x)^s for s ≠ 1. The first-order
+  samplers need many steps for the variance: ancestral is 13% low at 50 steps, 5% at 200.)"""
+  from imagen_jax.diffusion import oracle, samplers
+
+  schedule, n, d, scale = "cosine", 8192, 4, 1.0
+  mean, std = jnp.array([0.5, -0.3, 0.0, 0.2]), jnp.array([0.4, 0.3, 0.5, 0.25])
+  target, tau = jnp.array([-0.2, 0.4, 0.6, 0.2]), 0.05
+  sched = diffusion_schedule(schedule)
+  model = oracle.oracle_model_fn(mean, std, schedule, pred_type)
+  log_prob = lambda x_t, t, x0: oracle.gaussian_classifier_log_prob(
+    x_t, sched(t), mean, std, target, tau
+  )
+  guided = guidance.classifier_guidance(model, log_prob, scale, schedule, pred_type)
+  x_T = jax.random.normal(jax.random.key(0), (n, d))
+  run = jax.jit(
+    lambda m: samplers.sample(
+      m,
+      x_T,
+      jax.random.key(1),
+      sampler=sampler,
+      steps=steps,
+      schedule=schedule,
+      pred_type=pred_type,
+      thresholding="none",
+    ),
+    static_argnums=0,
+  )
+  x = np.asarray(run(guided))
+  want_mean, want_std = map(np.asarray, oracle.tilted_gaussian(mean, std, target, tau, scale))
+  np.testing.assert_allclose(x.mean(0), want_mean, atol=4.5 * want_std.max() / np.sqrt(n) + 5e-3)
+  np.testing.assert_allclose(x.std(0), want_std, rtol=0.04)  # sampling error of std: 0.8%
+  # Without guidance the same sampler gives the data distribution: the test can fail.
+  plain = np.asarray(run(model))
+  assert np.abs(plain.mean(0) - want_mean).max() > 0.1
+
+
+def test_clean_classifier_gradient_with_and_through_the_model():
+  """A clean classifier on x̂0: the cheap gradient uses ∂x̂0/∂x_t = 1/α; through the model it is the
+  exact chain rule (for Gaussian data x̂0 is linear in x_t with slope α s² / (α² s² + σ²))."""
+  from imagen_jax.diffusion import oracle
+  from imagen_jax.diffusion.schedules import alpha_sigma
+
+  schedule, std, mean, m = "cosine", 0.5, 0.1, 0.7
+  sched = diffusion_schedule(schedule)
+  model = oracle.oracle_model_fn(mean, std, schedule, "eps")
+  log_prob = lambda x_t, t, x0: -jnp.sum((x0 - m) ** 2, axis=(1, 2))
+  x_t, t = jax.random.normal(jax.random.key(2), (3, 2, 2)), jnp.array([0.3, 0.5, 0.8])
+  alpha, sigma = (a[:, None, None] for a in alpha_sigma(sched(t)))
+  eps = model(x_t, t)
+  x0 = (x_t - sigma * eps) / alpha
+  for through, slope in [
+    (False, 1.0 / alpha),
+    (True, alpha * std**2 / (alpha**2 * std**2 + sigma**2)),
+  ]:
+    fn = guidance.classifier_guidance(
+      model, log_prob, 0.5, schedule, "eps", grad_through_model=through
+    )
+    grad = -2.0 * (x0 - m) * slope
+    np.testing.assert_allclose(fn(x_t, t), eps - 0.5 * sigma * grad, rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_guidance_scale_zero_is_the_model_and_bad_scale_fails():
+  from imagen_jax.diffusion import oracle
+
+  model = oracle.oracle_model_fn(0.0, 1.0, "cosine", "v")
+  fn = guidance.classifier_guidance(model, lambda x, t, x0: jnp.sum(x, axis=1), 0.0, "cosine", "v")
+  x_t, t = jnp.ones((2, 3)), jnp.array([0.2, 0.9])
+  np.testing.assert_allclose(fn(x_t, t), model(x_t, t), atol=1e-6)
+  with pytest.raises(ValueError, match="guidance"):
+    guidance.classifier_guidance(model, lambda x, t, x0: x.sum(1), -1.0, "cosine", "v")
+
+
+def diffusion_schedule(name):
+  from imagen_jax.diffusion.schedules import as_schedule
+
+  return as_schedule(name)
