@@ -36,7 +36,7 @@ def get_config(arg: str | None = None):
   config.text.max_length = 16
   config.data.source = "shapes"
   config.data.shuffle = False  # items are already i.i.d. random scenes
-  config.evals.shapes_alignment = True
+  config.evals.evaluators = ("shapes", "grid")
   config.evals.num_prompts = 64
 
   common = dict(

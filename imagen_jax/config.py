@@ -132,11 +132,20 @@ def run_config(**overrides: Any) -> ml_collections.ConfigDict:
       shapes_length=0,  # >0: a finite shapes dataset of this many scenes (0 = infinite)
     )
   )
+  # Evaluators run on EMA weights every stage's eval_every steps and at its end (final_eval);
+  # imagen_jax.evaluators.registry has the interface. Any of "shapes" (the demo data's alignment),
+  # "clip_score", "fid", "grid" (a sample grid, each prompt under its image).
   c.evals = ml_collections.ConfigDict(
     dict(
-      shapes_alignment=False,
-      num_prompts=64,
-      prompts=(),  # explicit evaluation prompts (default: a fixed mix from the evaluator)
+      evaluators=("grid",),
+      num_prompts=64,  # shapes: how many of its prompts to sample
+      prompts=(),  # explicit evaluation prompts (default: the shapes mix, else dataset captions)
+      clip_score=dict(clip="", batch_size=32),  # clip: a CLIPModel dir or hub id
+      # inception: pytorch-fid's pt_inception-2015-12-05 weights; ref_stats: the real images' .npz
+      # (python -m imagen_jax.evaluators --ref_stats_from=DIR --out=stats.npz). FID needs thousands
+      # of samples to be meaningful: raise the stage's num_eval_samples accordingly.
+      fid=dict(inception="", ref_stats="", batch_size=32),
+      grid=dict(max_images=16, tile=128),
     )
   )
   c.update(overrides)

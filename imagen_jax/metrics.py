@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tensorboardX import SummaryWriter
 
 
@@ -124,6 +125,61 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np
     y, x = pad + r * (h + pad), pad + col * (w + pad)
     grid[y : y + h, x : x + w] = images[i]
   return grid
+
+
+def captioned_grid(
+  images: np.ndarray,
+  captions: Sequence[str],
+  ncols: int | None = None,
+  *,
+  tile: int = 128,
+  line_chars: int | None = None,
+  max_lines: int = 3,
+) -> np.ndarray:
+  """Tiles ``[N, H, W, C]`` images with each caption printed under its image, as ``uint8``.
+
+  Images are scaled to ``tile`` pixels wide (nearest neighbour for upscaling, so small samples stay
+  crisp; bicubic when shrinking); captions are word-wrapped to ``line_chars`` characters (default:
+  what fits the tile in Pillow's default font) and cut after ``max_lines`` lines with "…".
+  """
+  images = np.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f"captioned_grid: images must be [N, H, W, C], got shape {images.shape}")
+  if len(captions) != images.shape[0]:
+    raise ValueError(f"captioned_grid: {images.shape[0]} images but {len(captions)} captions")
+  if images.dtype != np.uint8:
+    images = to_uint8(images)
+  n, h, w, _ = images.shape
+  height = max(1, round(h * tile / w))
+  line_chars = line_chars or max(4, tile // 6)  # the default bitmap font is ~6 px per character
+  line_h, pad = 11, 4
+  text_h = max_lines * line_h + pad
+  ncols = ncols or int(math.ceil(math.sqrt(n)))
+  nrows = int(math.ceil(n / ncols))
+  sheet = Image.new(
+    "RGB", (ncols * (tile + pad) + pad, nrows * (height + text_h + pad) + pad), "white"
+  )
+  draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+  resample = Image.NEAREST if tile >= w else Image.BICUBIC
+  for i in range(n):
+    r, c = divmod(i, ncols)
+    x, y = pad + c * (tile + pad), pad + r * (height + text_h + pad)
+    img = Image.fromarray(images[i][..., :3] if images.shape[-1] >= 3 else images[i][..., 0])
+    sheet.paste(img.convert("RGB").resize((tile, height), resample), (x, y))
+    lines = textwrap.wrap(str(captions[i]), line_chars) or [""]
+    if len(lines) > max_lines:
+      lines = lines[:max_lines]
+      lines[-1] = lines[-1][: line_chars - 3] + "..."
+    for j, line in enumerate(lines):
+      draw.text((x, y + height + 2 + j * line_h), _drawable(line, font), fill="black", font=font)
+  return np.asarray(sheet)
+
+
+def _drawable(text: str, font: Any) -> str:
+  # Pillow without FreeType falls back to a Latin-1 bitmap font, which raises on other characters.
+  if isinstance(font, ImageFont.FreeTypeFont):
+    return text
+  return text.encode("latin-1", "replace").decode("latin-1")
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

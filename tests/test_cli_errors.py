@@ -218,6 +218,12 @@ MISTAKES = {
   "sample_reweight_malformed": _sample(
     "--reweight", RUN, "--prompt=a red circle", "--edit_prompt=a red circle", "--reweight=red"
   ),
+  # sample.py's CLIP guidance flags.
+  "sample_clip_without_scale": _sample("--clip_guidance", RUN, "--clip={tmp}", "--clip_cutouts=4"),
+  "sample_clip_guidance_without_clip": _sample("--clip=DIR", RUN, "--clip_guidance=100"),
+  "sample_clip_guidance_missing_checkpoint": _sample(
+    "{tmp}/no_clip", RUN, "--clip_guidance=100", "--clip={tmp}/no_clip"
+  ),
   # sample.py's image operations: misuse fails before the (absent) checkpoint is loaded.
   "sample_mask_and_outpaint": _sample(
     "--mask and --outpaint", RUN, INIT, "--mask={tmp}/low.png", "--outpaint=left:8"

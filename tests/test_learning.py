@@ -25,7 +25,7 @@ def test_short_run_on_a_trivial_subset_learns(tmp_path):
   config.data.update(shapes_length=4, shapes_two_object_prob=0.0, shuffle=True)
   src = ShapesSource(seed=config.seed, image_size=32, length=4, two_object_prob=0.0)
   prompts = [src[i]["caption"] for i in range(4)]
-  config.evals.update(shapes_alignment=True, prompts=tuple(prompts * 2))
+  config.evals.update(evaluators=("shapes", "grid"), prompts=tuple(prompts * 2))
   s = config.stages.base
   s.update(batch_size=8, log_every=10, ckpt_every=STEPS, final_eval=True, ema_decay=0.99)
   s.optimizer.update(lr=3e-3, warmup_steps=20)

@@ -56,8 +56,13 @@ def test_extras():
     "nbformat",
   }
   # The published extra takes any recent torch; CI's exact pin is .ci/constraints.txt.
-  torch = [r for r in extras["test"] if r.startswith("torch")]
+  torch = [r for r in extras["test"] if _requirement_names([r]) == ["torch"]]
   assert torch == ["torch>=2.4"], torch
+  # The metric oracles (test only, never runtime).
+  assert {"torchmetrics", "pytorch-fid"} <= set(_requirement_names(extras["test"]))
+  assert not {"torch", "torchmetrics", "pytorch-fid"} & set(
+    _requirement_names(PROJECT["dependencies"])
+  )
   assert "torch==" in (ROOT / ".ci" / "constraints.txt").read_text()
 
 

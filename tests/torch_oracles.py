@@ -14,7 +14,8 @@ import pytest
 
 
 @functools.cache
-def _declare_torchvision_ops() -> None:
+def declare_torchvision_ops() -> None:
+  """Makes ``import torchvision`` work on CPU torch (once per process); skips without torch."""
   torch = pytest.importorskip("torch")
   try:
     import torchvision  # noqa: F401  (a CPU build imports as it is)
@@ -22,28 +23,28 @@ def _declare_torchvision_ops() -> None:
     lib = torch.library.Library("torchvision", "DEF")
     lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _declare_torchvision_ops.lib = lib  # keep the registration alive
+    declare_torchvision_ops.lib = lib  # keep the registration alive
 
 
 def pytorch_fid_inception():
   """The ``pytorch_fid.inception`` module (test extra)."""
-  _declare_torchvision_ops()
+  declare_torchvision_ops()
   return pytest.importorskip("pytorch_fid.inception")
 
 
 def pytorch_fid_score():
   """The ``pytorch_fid.fid_score`` module (test extra)."""
-  _declare_torchvision_ops()
+  declare_torchvision_ops()
   return pytest.importorskip("pytorch_fid.fid_score")
 
 
 def torchmetrics_multimodal():
   """``torchmetrics.functional.multimodal`` (CLIP score; test extra)."""
-  _declare_torchvision_ops()
+  declare_torchvision_ops()
   return pytest.importorskip("torchmetrics.functional.multimodal")
 
 
 def torchmetrics_image():
   """``torchmetrics.image`` (KID; test extra)."""
-  _declare_torchvision_ops()
+  declare_torchvision_ops()
   return pytest.importorskip("torchmetrics.image")

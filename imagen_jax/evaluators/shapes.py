@@ -21,15 +21,14 @@ import argparse
 import dataclasses
 import json
 import math
-import pathlib
 import sys
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from imagen_jax.data import shapes as ds
+from imagen_jax.evaluators.images import load_images_dir
 
 _FG_THRESHOLD = 40.0  # RGB distance from background; the closest palette colour is ~115 away
 _FG_MAX_THRESHOLD = 80.0  # ...and stays below most of that on noisy images
@@ -394,8 +393,14 @@ class ShapesAlignmentEvaluator:
     self.prompts: list[str] = list(prompts)
     self.value_range = value_range
 
-  def run(self, images) -> dict[str, float]:
-    """Scores images ``[len(prompts), H, H, 3]`` sampled for :attr:`prompts` (see :func:`score`)."""
+  def run(self, images, prompts: Sequence[str] | None = None) -> dict[str, float]:
+    """Scores images ``[len(prompts), H, H, 3]`` sampled for :attr:`prompts` (see :func:`score`).
+
+    Raises:
+      ValueError: ``prompts`` given and not :attr:`prompts` (the images were sampled for others).
+    """
+    if prompts is not None and list(prompts) != self.prompts:
+      raise ValueError("the shapes evaluator scores images sampled for its own prompts only")
     return score(self.prompts, images, value_range=self.value_range)
 
   __call__ = run
@@ -418,40 +423,6 @@ def format_table(metrics: dict[str, float]) -> str:
     f"{metrics['num_two']:.0f} two-object, {metrics['unparsed']:.0f} unparsed)"
   )
   return "\n".join(lines)
-
-
-def load_images_dir(images_dir: str | pathlib.Path) -> tuple[list[str], list[np.ndarray]]:
-  """Reads prompts and images from a directory.
-
-  Layouts, in order of preference: ``metadata.json`` with ``{"images": [{"file", "prompt"}, ...]}``;
-  ``metadata.json`` with only ``{"prompts": [...]}`` paired with the sorted ``*.png`` files; or
-  one ``NAME.txt`` prompt file beside each ``NAME.png``.
-
-  Raises:
-    ValueError: the directory has none of these layouts or counts differ.
-  """
-  root = pathlib.Path(images_dir)
-  if not root.is_dir():
-    raise ValueError(f"not a directory: {root}")
-  meta_path = root / "metadata.json"
-  pngs = sorted(root.glob("*.png"))
-  if meta_path.exists():
-    meta = json.loads(meta_path.read_text())
-    if meta.get("images"):
-      pairs = [(root / e["file"], e["prompt"]) for e in meta["images"]]
-    elif "prompts" in meta:
-      if len(meta["prompts"]) != len(pngs):
-        raise ValueError(f"{meta_path}: {len(meta['prompts'])} prompts but {len(pngs)} PNG files")
-      pairs = list(zip(pngs, meta["prompts"]))
-    else:
-      raise ValueError(f"{meta_path} has neither an 'images' nor a 'prompts' entry")
-  else:
-    missing = [p.name for p in pngs if not p.with_suffix(".txt").exists()]
-    if not pngs or missing:
-      raise ValueError(f"{root}: no metadata.json and PNGs without .txt prompts: {missing[:5]}")
-    pairs = [(p, p.with_suffix(".txt").read_text().strip()) for p in pngs]
-  images = [np.asarray(Image.open(p).convert("RGB")) for p, _ in pairs]
-  return [str(t) for _, t in pairs], images
 
 
 def self_test(num: int, image_size: int = 32, seed: int = 0) -> tuple[dict, dict]:

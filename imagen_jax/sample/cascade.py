@@ -31,14 +31,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 from PIL import Image
 from tqdm.auto import tqdm
 
 from imagen_jax import config as config_lib
 from imagen_jax import diffusion, metrics, sharding
 from imagen_jax.checkpoint import restore_params_with_step
+from imagen_jax.sample.batching import MeshSpec, as_mesh, batch_size, chunk_rng, to_host
 from imagen_jax.sample.runs import Workdirs, check_chain, load_run_configs
 from imagen_jax.sample.stage import SamplerSettings, make_stage_sampler
 from imagen_jax.stage.model import StageModel, stage_schedule
@@ -102,7 +101,6 @@ class StageInputs:
   aug_eps: np.ndarray | None = None
 
 
-MeshSpec = Mesh | Mapping[str, int] | None  # a mesh, or its axis sizes (``{"data": -1}``)
 OUTPUT_TYPES = ("np", "pil")
 
 
@@ -286,6 +284,7 @@ class Cascade:
     control: Any = None,
     inputs: Mapping[str, StageInputs] | None = None,
     embeddings: tuple[np.ndarray, np.ndarray] | None = None,
+    guide: Any = None,
   ) -> tuple[dict[str, np.ndarray] | dict[str, list[Image.Image]], dict[str, Any]]:
     """Generates images for ``prompts`` through the stages, optionally steered by ``control``.
 
@@ -312,6 +311,9 @@ class Cascade:
         use them.
       embeddings: ``(emb [N, L, D], mask [N, L])`` to condition on instead of encoding
         ``prompts`` (interpolated or shifted text embeddings); ``prompts`` then only label rows.
+      guide: classifier guidance for some stages, e.g. a
+        :class:`~imagen_jax.sample.clip_guidance.ClipGuidance`: ``guide.for_stage(name, index,
+        prompts) -> (static, {"rows": per-prompt arrays, "shared": arrays})`` or ``(None, None)``.
 
     Returns:
       ``(images, states)``: stage name → images ``[N, H, W, 3]`` float32 in [-1, 1] (or N PIL
@@ -337,13 +339,15 @@ class Cascade:
         f"{self.max_batch}; raise max_batch or edit fewer prompts at once"
       )
     stages, lowres, img2img = self._plan(n, start_stage, init_image, strength)
+    if guide is not None:
+      guide.check_stages([s.name for s in self.stages])
     per_stage = {s.name: self._settings(s, (settings or {}).get(s.name)) for s in stages}
     inputs = dict(inputs or {})
     self._check_inputs(inputs, {s.name: s for s in stages}, per_stage, n)
     # Embeddings come back to the host once (every process holds the same values), then each
     # chunk is placed batch-sharded on the mesh.
     if embeddings is None:
-      emb, mask = map(_to_host, self.text.encode_prompts(prompts))
+      emb, mask = map(to_host, self.text.encode_prompts(prompts))
     else:
       emb, mask = (np.asarray(a) for a in embeddings)
       if emb.ndim != 3 or emb.shape[0] != n or mask.shape != emb.shape[:2]:
@@ -353,7 +357,7 @@ class Cascade:
     if negative_prompts is None:
       null_emb, null_mask = np.zeros_like(emb), np.zeros_like(mask)
     else:
-      null_emb, null_mask = map(_to_host, self.text.encode_prompts(list(negative_prompts)))
+      null_emb, null_mask = map(to_host, self.text.encode_prompts(list(negative_prompts)))
     key = jax.random.key(seed)
     out: dict[str, np.ndarray] = {}
     states: dict[str, Any] = {}
@@ -361,6 +365,10 @@ class Cascade:
     for si, stage in enumerate(stages, start=first):  # si: the stage's place in the cascade
       cfg = per_stage[stage.name]
       start = img2img if (si == first and img2img is not None) else None
+      guided = guide.for_stage(stage.name, si, prompts) if guide is not None else (None, None)
+      if guided[0] is not None:  # shared arrays (the CLIP weights) go to the mesh once per stage
+        put = lambda a: self._put(np.asarray(a), sharding.replicated(self.mesh))
+        guided = (guided[0], {**guided[1], "shared": jax.tree.map(put, guided[1]["shared"])})
       images = []
       bar = tqdm(total=cfg.steps, desc=f"sample {stage.name}", disable=not progress, leave=False)
       self._progress.update(bar=bar, callback=callback, stage=stage.name)
@@ -379,6 +387,7 @@ class Cascade:
             start,
             control,
             inputs.get(stage.name),
+            guided,
           )
           images.append(x0)
           if state is not None:
@@ -450,10 +459,10 @@ class Cascade:
     return dataclasses.replace(stage.settings, **overrides)  # validated in __post_init__
 
   def _sampler(
-    self, stage: CascadeStage, cfg: SamplerSettings, report: str | None, control: Any = None
+    self, stage: CascadeStage, cfg: SamplerSettings, report: str | None, control: Any, guide: Any
   ) -> Callable:
     """The jitted sampler; ``report``: None (no host callbacks), "steps" (the bar) or "x0"."""
-    key = (stage.name, cfg, report, control)
+    key = (stage.name, cfg, report, control, guide)
     if key not in self._samplers:
       # Without a bar or callback no per-step host callback is compiled in: on accelerators it
       # would sync the device with the host at every step.
@@ -465,6 +474,7 @@ class Cascade:
         progress_fn=self._on_step if report else None,
         progress_x0=report == "x0",
         control=control,
+        guide=guide,
       )
     return self._samplers[key]
 
@@ -475,11 +485,11 @@ class Cascade:
     if cb is not None and x0 is not None:
       cb(self._progress["stage"], int(step), np.asarray(x0))
 
-  def _run_chunk(self, stage, cfg, key, si, lo, hi, text, lowres, start, control, given):
+  def _run_chunk(self, stage, cfg, key, si, lo, hi, text, lowres, start, control, given, guided):
     emb, mask, null_emb, null_mask = text
     given = given or StageInputs()
     m = hi - lo
-    bucket = _bucket(m, self.max_batch, self.batch_shards)
+    bucket = batch_size(m, self.max_batch, self.batch_shards)
 
     def pad(x, axis=0):  # host [m, ...] → [bucket, ...], repeating the last row
       x = np.take(np.asarray(x), np.arange(lo, hi), axis=axis)
@@ -527,6 +537,12 @@ class Cascade:
     if given.aug_eps is not None and lowres is not None:
       eps = pad(np.asarray(given.aug_eps, np.float32))
       inpaint["aug_eps"] = self._put(eps, sharding.batch_sharding(self.mesh, 4))
+    if guided[0] is not None:  # this chunk's rows of the guide's per-prompt arrays
+      rows = {
+        k: self._put(pad(v), sharding.batch_sharding(self.mesh, v.ndim))
+        for k, v in guided[1]["rows"].items()
+      }
+      inpaint["guide_data"] = {**guided[1]["shared"], **rows}
     bar = self._progress["bar"]
     report = "x0" if self._progress["callback"] is not None else None
     if report is None and bar is not None and not bar.disable:
@@ -535,14 +551,14 @@ class Cascade:
     if control is not None:
       static, data = control.for_stage(stage, cfg, bucket)
       data = jax.tree.map(lambda a: self._put(np.asarray(a), sharding.replicated(self.mesh)), data)
-    sampler = self._sampler(stage, cfg, report, static)
+    sampler = self._sampler(stage, cfg, report, static, guided[0])
     rng = self._put(chunk_rng(key, si, lo), sharding.replicated(self.mesh))
     with sharding.use_rules(self.mesh, self.rules):  # activations constrained while tracing
       if static is None:
-        return _to_host(sampler(stage.params, rng, *args, t_start=t_start, **inpaint))[:m], None
+        return to_host(sampler(stage.params, rng, *args, t_start=t_start, **inpaint))[:m], None
       x0, state = sampler(stage.params, rng, *args, control_data=data, t_start=t_start, **inpaint)
-    state = jax.tree.map(lambda a: _to_host(a)[:m] if np.ndim(a) else _to_host(a), state)
-    return _to_host(x0)[:m], state
+    state = jax.tree.map(lambda a: to_host(a)[:m] if np.ndim(a) else to_host(a), state)
+    return to_host(x0)[:m], state
 
   def _put(self, x: np.ndarray, where: jax.sharding.NamedSharding) -> jax.Array:
     """A host array (the same in every process) as a global array on the mesh."""
@@ -558,39 +574,9 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(jax.image.resize(images, (n, size, size, 3), "linear", antialias=True))
 
 
-def chunk_rng(key: jax.Array, stage_index: int, lo: int) -> np.ndarray:
-  """The sampling key data of the chunk starting at image ``lo`` of the ``stage_index``-th stage
-  run (noise augmentation and per-step noise; inversion reuses it for the same augmentation)."""
-  return np.asarray(
-    jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, 1_000_003 + stage_index), lo))
-  )
-
-
-def as_mesh(mesh: MeshSpec) -> Mesh:
-  """A mesh from a ``Mesh`` or axis sizes (``{"data": 2, "fsdp": 4}``); default data over all."""
-  return mesh if isinstance(mesh, Mesh) else sharding.make_mesh(dict(mesh or {"data": -1}))
-
-
 def to_pil(images: np.ndarray) -> list[Image.Image]:
   """``[N, H, W, 3]`` float images in [-1, 1] (a :class:`Cascade` output) → N ``PIL.Image``."""
   return [Image.fromarray(x) for x in metrics.to_uint8(images)]
-
-
-def _to_host(x: Any) -> np.ndarray:
-  """A (possibly multi-process, sharded) array's full value as numpy, on every process."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
-def _bucket(m: int, max_batch: int, shards: int = 1) -> int:
-  """The compiled batch for ``m`` images: the next power of two (at most ``max_batch``), rounded
-  up to a multiple of ``shards`` (the data-parallel devices) so it always splits evenly."""
-  b = 1
-  while b < m:
-    b *= 2
-  b = min(b, max_batch)
-  return -(-b // shards) * shards
 
 
 def _check_image(x: np.ndarray, n: int, size: int, what: str) -> None:

@@ -17,6 +17,7 @@ from imagen_jax import diffusion, metrics
 from imagen_jax.data import shapes
 from imagen_jax.data.preprocess import BadExample, to_rgb
 from imagen_jax.sample.cascade import Cascade
+from imagen_jax.sample.clip_guidance import ClipGuidance
 from imagen_jax.sample.runs import Workdirs, load_run_configs
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,7 @@ def run(
   max_batch: int = 16,
   compilation_cache: str | None = None,
   mesh: dict[str, int] | None = None,
+  guide: ClipGuidance | None = None,
 ) -> dict[str, Any]:
   """Samples ``num_images`` per prompt and writes ``outdir/{i:03d}_{stage}.png``, ``grid.png``
   and ``metadata.json``. Returns the written paths.
@@ -235,6 +237,7 @@ def run(
   :meth:`Cascade.from_workdir`); ``outdir`` defaults to ``<first workdir>/samples_cli``.
   ``mesh`` gives the device mesh's axis sizes (``{"data": 2, "fsdp": 4}``; default data over all
   devices). In a multi-process run every process samples its part and process 0 writes the files.
+  ``guide`` adds CLIP guidance (``--clip_guidance``).
   """
   if num_images < 1:
     raise ValueError(f"--num_images must be >= 1, got {num_images}")
@@ -252,13 +255,14 @@ def run(
   all_prompts = [p for p in prompts for _ in range(num_images)]
   n = len(all_prompts)
   init = None if prep.init is None else np.repeat(prep.init, n, axis=0)
-  out = prep.cascade(
+  out, _ = prep.cascade.generate(
     all_prompts,
     seed=seed,
     negative_prompts=[negative_prompt] * n if negative_prompt is not None else None,
     start_stage=start_stage,
     init_image=init,
     strength=strength,
+    guide=guide,
   )
   meta = {
     "seed": seed,
@@ -266,6 +270,7 @@ def run(
     "start_stage": start_stage,
     "init_image": init_image,
     "strength": strength,
+    "clip_guidance": guide.describe() if guide is not None else None,
   }
   return write_outputs(out, all_prompts, prep, outdir, meta, grid=stage_grid(out))
 

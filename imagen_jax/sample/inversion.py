@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax import sharding
-from imagen_jax.sample.cascade import Cascade, StageInputs, _bucket, _to_host, chunk_rng, resize
+from imagen_jax.sample.batching import batch_size, chunk_rng, to_host
+from imagen_jax.sample.cascade import Cascade, StageInputs, resize
 from imagen_jax.sample.stage import (
   SamplerSettings,
   make_null_text_optimizer,
@@ -128,10 +129,10 @@ def invert_cascade(
     raise ValueError(f"stages {run} must be the first stages of the cascade, in order: {names}")
   settings = dict(settings or {})
   if embeddings is None:
-    emb, mask = (_to_host(a) for a in cascade.text.encode_prompts(list(prompts)))
+    emb, mask = (to_host(a) for a in cascade.text.encode_prompts(list(prompts)))
   else:
     emb, mask = (np.asarray(a) for a in embeddings)
-  bucket = _bucket(n, cascade.max_batch, cascade.batch_shards)
+  bucket = batch_size(n, cascade.max_batch, cascade.batch_shards)
 
   def pad(x):
     x = np.asarray(x)
@@ -169,7 +170,7 @@ def invert_cascade(
           stage.model.apply, stage.schedule, stage.pred_type, cfg
         )
       latent, traj = programs[key_i](stage.params, rng, e, m, x0, lowres, aug_eps)
-      inv = StageInversion(_to_host(latent)[:n], _to_host(traj)[:, :n], aug_eps=eps)
+      inv = StageInversion(to_host(latent)[:n], to_host(traj)[:, :n], aug_eps=eps)
       if null_text and cfg.guidance != 1.0:
         key_n = ("null_text", stage.name, cfg, int(inner_steps), float(learning_rate))
         if key_n not in programs:
@@ -183,7 +184,7 @@ def invert_cascade(
           )
         null0 = jnp.zeros_like(e)
         nulls, _ = programs[key_n](stage.params, rng, e, m, null0, m, traj, lowres, aug_eps)
-        inv.null_emb = _to_host(nulls)[:, :n]
+        inv.null_emb = to_host(nulls)[:, :n]
         inv.null_mask = np.asarray(mask)[:n]
     out[stage.name] = inv
   return CascadeInversion(out, used, seed)

@@ -8,6 +8,7 @@ between calls, so new prompts or seeds never recompile.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -115,9 +116,11 @@ def make_stage_sampler(
   progress_fn: Callable | None = None,
   progress_x0: bool = False,
   control: Any = None,
+  guide: Any = None,
 ) -> Callable:
   """Returns a jitted ``sample(params, rng, text_emb, text_mask, null_emb, null_mask, x_T,
-  lowres=None, control_data=None, known=None, mask=None, aug_eps=None, t_start=1.0) -> x0``.
+  lowres=None, control_data=None, known=None, mask=None, aug_eps=None, guide_data=None,
+  t_start=1.0) -> x0``.
 
   ``rng`` is a key or its raw data (``jax.random.key_data``: a plain uint32 array, which can be
   placed on a multi-process mesh like any other input).
@@ -140,6 +143,11 @@ def make_stage_sampler(
   ``control.after_step(step, x_next, state, data)`` post-processes every step. The batch rows
   share their noise (starting noise is the caller's; the augmentation and per-step noise are
   drawn once per step). The sampler then returns ``(x0, state)``.
+
+  ``guide`` (static, hashable; e.g. :class:`~imagen_jax.sample.clip_guidance.ClipGuidance`'s
+  per-stage part) adds classifier guidance after classifier-free guidance
+  (:func:`~imagen_jax.diffusion.classifier_guidance`): ``guide.log_prob(guide_data, x_t, t, x̂0)
+  -> [B]`` with arrays ``guide_data`` (its ``"scale"`` is s), ``guide.grad_through_model``.
   """
 
   def sample(
@@ -155,6 +163,7 @@ def make_stage_sampler(
     known=None,
     mask=None,
     aug_eps=None,
+    guide_data=None,
     t_start=1.0,
   ):
     batch = x_T.shape[0]
@@ -176,11 +185,22 @@ def make_stage_sampler(
       model_fn = _model_fn(apply_fn, params, schedule, controller)
       if settings.guidance == 1.0:
         # w = 1 is the conditional model alone: skip the doubled batch.
-        return lambda x_t, t: model_fn(x_t, t, cond)
-      un = uncond
-      if per_step_null:
-        un = (null_emb[step].astype(text_emb.dtype), *uncond[1:])
-      return diffusion.classifier_free_guidance(model_fn, cond, un, settings.guidance)
+        fn = lambda x_t, t: model_fn(x_t, t, cond)
+      else:
+        un = uncond
+        if per_step_null:
+          un = (null_emb[step].astype(text_emb.dtype), *uncond[1:])
+        fn = diffusion.classifier_free_guidance(model_fn, cond, un, settings.guidance)
+      if guide is None:
+        return fn
+      return diffusion.classifier_guidance(
+        fn,
+        functools.partial(guide.log_prob, guide_data),
+        guide_data["scale"],
+        schedule,
+        pred_type,
+        grad_through_model=guide.grad_through_model,
+      )
 
     kwargs = dict(
       sampler=settings.sampler,

@@ -20,10 +20,12 @@ from absl import flags
 from absl import logging as absl_logging
 
 from imagen_jax import sharding
+from imagen_jax.clip import CLIP
 from imagen_jax.edit import cli as edit_cli
 from imagen_jax.edit import image_cli
 from imagen_jax.edit.attention_edit import MODES, PromptToPrompt
 from imagen_jax.sample import cli as sample_cli
+from imagen_jax.sample.clip_guidance import ClipGuidance
 from imagen_jax.tools import cli
 
 _WORKDIR = flags.DEFINE_list(
@@ -101,6 +103,11 @@ _INVERT = flags.DEFINE_bool(
   "prompt-to-prompt on the image.",
 )
 _NULL_TEXT = flags.DEFINE_bool("null_text", True, "--invert: null-text inversion (under guidance).")
+# CLIP guidance (GLIDE §2.3): imagen_jax.sample.clip_guidance.
+_CLIP = flags.DEFINE_string("clip", None, "CLIP checkpoint dir or hub id, for --clip_guidance.")
+_CLIP_SCALE = flags.DEFINE_float("clip_guidance", 0.0, "CLIP guidance scale (0 = off; ~100-1000).")
+_CLIP_CUTOUTS = flags.DEFINE_integer("clip_cutouts", 0, "Random crops scored per step (0: whole).")
+_CLIP_STAGES = flags.DEFINE_list("clip_stages", None, "Stages to guide (default: the first).")
 flags.DEFINE_bool("debug", False, cli.DEBUG_HELP)
 _EDIT_ONLY = ("edit", "cross_replace", "self_replace", "reweight", "local_blend", "edit_stages")
 
@@ -176,6 +183,28 @@ def _edit_image(op: str, edit: PromptToPrompt | None, source: dict) -> dict:
   )
 
 
+def _clip_guidance(op: str | None, edit: PromptToPrompt | None) -> ClipGuidance | None:
+  """The CLIP guidance flags as a guide (``None`` when off); misuse fails before any load."""
+  used = [f"--{n}" for n in ("clip", "clip_cutouts", "clip_stages") if flags.FLAGS[n].present]
+  if _CLIP_SCALE.value == 0.0:
+    if used:
+      raise ValueError(f"{', '.join(used)} need --clip_guidance=SCALE (> 0)")
+    return None
+  if _CLIP_SCALE.value < 0 or _CLIP_CUTOUTS.value < 0:
+    raise ValueError("--clip_guidance and --clip_cutouts must be >= 0")
+  if not _CLIP.value:
+    raise ValueError("--clip_guidance needs --clip=DIR (a CLIPModel checkpoint dir or hub id)")
+  if op is not None or edit is not None:
+    raise ValueError("--clip_guidance applies to plain sampling, not to edits or image operations")
+  return ClipGuidance(
+    CLIP.load(_CLIP.value),
+    _CLIP_SCALE.value,
+    cutouts=_CLIP_CUTOUTS.value,
+    stages=_CLIP_STAGES.value,
+    seed=_SEED.value,
+  )
+
+
 def main(argv: list[str]) -> None:
   """Samples from ``--workdir`` (absl main: flags are parsed)."""
   cli.reject_positional(argv)
@@ -188,6 +217,7 @@ def main(argv: list[str]) -> None:
   if _MULTIHOST.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   edit = _edit_settings()
+  guide = _clip_guidance(op, edit)
   source = dict(
     workdir=_WORKDIR.value,
     settings=settings,
@@ -217,7 +247,7 @@ def main(argv: list[str]) -> None:
     )
   else:
     prompts = sample_cli.read_prompts(_PROMPT.value, _PROMPTS_FILE.value, _WORKDIR.value)
-    paths = sample_cli.run(prompts=prompts, num_images=_NUM.value, **common)
+    paths = sample_cli.run(prompts=prompts, num_images=_NUM.value, guide=guide, **common)
   if jax.process_index() != 0:
     return
   print(f"Wrote {len(paths['images'])} images, grid {paths['grid']}")

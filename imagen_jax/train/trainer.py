@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax import config as config_lib
 from imagen_jax import metrics, sharding
-from imagen_jax.evaluators.shapes import ShapesAlignmentEvaluator
+from imagen_jax.evaluators import registry as eval_registry
 from imagen_jax.sample.stage import SamplerSettings, make_stage_sampler
 from imagen_jax.stage import step as step_lib
 from imagen_jax.stage.text_cond import TextEmbedder, build_text_embedder
@@ -75,6 +75,7 @@ def train_and_evaluate(
     stage name → summary dict (final step, last metrics, eval results, paths).
   """
   config_lib.validate(config)
+  eval_registry.check_evals(config.evals, config.data.source)
   mesh = mesh if mesh is not None else sharding.make_mesh(dict(config.mesh))
   rules = config_lib.logical_rules(config)
   log.info("Mesh %s over %d devices", dict(mesh.shape), mesh.size)
@@ -238,22 +239,16 @@ def _init_from_path(path: str, stage_name: str) -> str:
 
 
 class _StageEvaluator:
-  """Samples a grid with EMA params (and, on the shapes data, scores prompt alignment)."""
+  """Samples the eval prompts with EMA params and runs ``config.evals.evaluators`` on them."""
 
   def __init__(self, config, stage, model, schedule, text, stage_dir, mesh, rules):
     self.stage, self.text, self.model = stage, text, model
     self.mesh, self.rules = mesh, rules
     self.settings = SamplerSettings.from_config(stage.sample)
     self.sampler = make_stage_sampler(model.apply, schedule, stage.objective, self.settings)
-    self.evaluator = None
-    n = stage.num_eval_samples
-    if config.data.source == "shapes" and config.evals.shapes_alignment:
-      self.evaluator = ShapesAlignmentEvaluator(
-        prompts=list(config.evals.prompts) or None, num_prompts=config.evals.num_prompts, seed=0
-      )
-      self.prompts = list(self.evaluator.prompts)
-    else:
-      self.prompts = list(config.evals.prompts) or data_lib.eval_prompts(config, n)
+    self.evaluators = eval_registry.build_evaluators(config.evals, config.data.source)
+    default = list(config.evals.prompts) or data_lib.eval_prompts(config, stage.num_eval_samples)
+    self.prompts = eval_registry.eval_prompts(self.evaluators, default)
     self.lowres = None
     if stage.lowres_size is not None:
       self.lowres = data_lib.eval_lowres(config, stage, self.prompts)
@@ -271,12 +266,11 @@ class _StageEvaluator:
       images = np.asarray(jax.device_get(images))
     else:
       images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
-    results = {}
-    if self.evaluator is not None:
-      results = {f"eval/{k}": v for k, v in self.evaluator.run(images).items()}
+    results, pictures = eval_registry.run_evaluators(self.evaluators, images, self.prompts)
+    if results:
       writer.write_scalars(step, results)
-    grid = metrics.image_grid(images[: self.stage.num_eval_samples])
-    paths = writer.write_images(step, {"samples_ema": grid})
+    # "_ema": these come from the EMA weights (samples/samples_ema_<step>.png).
+    paths = writer.write_images(step, {f"{k}_ema": v for k, v in pictures.items()})
     results["grid"] = paths.get("samples_ema", "")
     return results
 
