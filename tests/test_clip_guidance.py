@@ -104,3 +104,24 @@ def test_sample_cli_records_the_guidance(tmp_path, clip, plain):
   first = next(f for f in paths["images"] if f["stage"] == "base" and f["index"] == 0)
   base = np.asarray(Image.open(tmp_path / first["file"]), np.float32) / 127.5 - 1.0
   assert np.abs(base - plain["base"][0]).max() > 0.05  # guided, not the plain sample
+
+
+def test_a_noised_clip_scores_x_t_and_a_clean_one_x0(clip):
+  """GLIDE's noised CLIP reads (x_t, t); the public, clean CLIPs read the model's x̂0."""
+  image_fn = clip.image_features_fn()
+  seen = []
+
+  def noised(state, x_t, t):  # a stand-in t-conditioned tower: the clean one on x_t · (1 + t)
+    seen.append(t.shape)
+    return image_fn(state, x_t * (1.0 + t[:, None, None, None]))
+
+  x_t, x0 = (jax.random.uniform(jax.random.key(i), (2, 32, 32, 3), minval=-1) for i in (0, 1))
+  t = jnp.array([0.3, 0.7])
+  text = clip.embed_text(PROMPTS)
+  for fn, want_input in [(noised, x_t * (1.0 + t[:, None, None, None])), (None, x0)]:
+    static, data = ClipGuidance(clip, 1.0, noised_image_fn=fn).for_stage("base", 0, PROMPTS)
+    data = ClipGuidance.merge(data["rows"], data["shared"])
+    want = jnp.sum(image_fn(clip.state, want_input) * text, -1)
+    np.testing.assert_allclose(static.log_prob(data, x_t, t, x0), want, rtol=1e-5, atol=1e-6)
+  assert seen == [(2,)]
+  assert ClipGuidance(clip, 1.0).for_stage("sr", 1, PROMPTS) == (None, None)  # first stage only
