@@ -35,7 +35,7 @@ from bench.common import machine_info, record
 from imagen_jax import metrics
 from imagen_jax.clip import CLIP, ImageProcessing
 from imagen_jax.data import shapes as ds
-from imagen_jax.evaluators.clip_score import clip_score
+from imagen_jax.evaluators.clip_score import clip_score, pair_scores
 from imagen_jax.evaluators.shapes import ShapesAlignmentEvaluator
 from imagen_jax.models.clip import CLIPConfig, CLIPModule, CLIPTextConfig, CLIPVisionConfig
 from imagen_jax.models.clip_loading import save_clip
@@ -120,7 +120,7 @@ def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--workdir", default="runs/shapes")
   p.add_argument("--num", type=int, default=32)
-  p.add_argument("--scales", default="0,100,300,1000")
+  p.add_argument("--scales", default="0,30,100,300,1000")
   p.add_argument("--clip_steps", type=int, default=600)
   p.add_argument("--cutouts", type=int, default=0)
   args = p.parse_args()
@@ -166,6 +166,7 @@ def main() -> None:
       "alignment": round(m["alignment"], 3),
       "clip_score": round(clip_score(score_clip, images, prompts), 2),
       "clip_score_guide": round(clip_score(guide_clip, images, prompts), 2),
+      "mean_cos": round(float(pair_scores(score_clip, images, prompts).mean()) / 100, 4),
       "s_per_image": round(seconds, 3),
     }
     print(json.dumps(row))

@@ -141,10 +141,13 @@ def classifier_guidance(
   classifier-free guidance (wrap the CFG-guided ``model_fn``) and before thresholding.
 
   ``log_prob_fn(x_t, t, x̂0)`` may read x_t and t (a noised classifier: the gradient is exact) or
-  the model's x̂0 (a clean classifier such as CLIP on the denoised image). For the latter the
-  gradient follows x̂0 = (x_t − σ ε̂)/α with ε̂ held fixed (∂x̂0/∂x_t = 1/α: no backward pass through
-  the U-Net), or, with ``grad_through_model``, through the model as well (one more backward pass
-  of the U-Net per step; the exact gradient of log p(c | x̂0(x_t))).
+  the model's x̂0 (a clean classifier such as CLIP on the denoised image). For the latter,
+  ``grad_through_model`` differentiates x̂0(x_t) through the model (the exact gradient of
+  log p(c | x̂0(x_t)); one more backward pass of the U-Net per step). Without it no backward pass
+  goes through the U-Net: ∂x̂0/∂x_t ≈ α I, the Jacobian of E[x0 | x_t] for unit-variance Gaussian
+  data (α / (α² + σ²) = α), so ∇_{x_t} = α ∇_{x̂0} and x̂0 moves by s σ² ∇_{x̂0}. (Holding ε̂ fixed
+  instead, ∂x̂0/∂x_t = 1/α, agrees as σ → 0 but explodes at high noise, where the true Jacobian
+  vanishes: guidance would then wreck the first steps.)
 
   Args:
     model_fn: ``model_fn(x_t, t) -> pred`` (already CFG-guided, if guided).
@@ -168,8 +171,8 @@ def classifier_guidance(
     def log_prob(x):  # Σ_b log p(c_b | x_b): the sum's gradient is each example's own
       pred = model_fn(x, t) if grad_through_model else jax.lax.stop_gradient(fixed_pred)
       x0, eps = gaussian.to_x0_eps(pred, x, logsnr, pred_type)
-      if not grad_through_model:  # x̂0 = (x − σ ε̂) / α with ε̂ fixed
-        x0 = (x - sigma * jax.lax.stop_gradient(eps)) / alpha
+      if not grad_through_model:  # ∂x̂0/∂x_t ≈ α I (see the docstring)
+        x0 = jax.lax.stop_gradient(x0) + alpha * (x - jax.lax.stop_gradient(x))
       return jnp.sum(log_prob_fn(x, t, x0).astype(jnp.float32)), pred
 
     fixed_pred = None if grad_through_model else model_fn(x_t, t)

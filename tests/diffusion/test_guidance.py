@@ -229,28 +229,30 @@ def test_classifier_guidance_samples_the_tilted_gaussian(sampler, pred_type, ste
 
 
 def test_clean_classifier_gradient_with_and_through_the_model():
-  """A clean classifier on x̂0: the cheap gradient uses ∂x̂0/∂x_t = 1/α; through the model it is the
-  exact chain rule (for Gaussian data x̂0 is linear in x_t with slope α s² / (α² s² + σ²))."""
+  """A clean classifier on x̂0: the cheap gradient uses ∂x̂0/∂x_t = α (exact for N(0, I) data);
+  through the model it is the exact chain rule (for N(μ, s²) data x̂0 is linear in x_t with slope
+  α s² / (α² s² + σ²))."""
   from imagen_jax.diffusion import oracle
   from imagen_jax.diffusion.schedules import alpha_sigma
 
-  schedule, std, mean, m = "cosine", 0.5, 0.1, 0.7
+  schedule, m = "cosine", 0.7
   sched = diffusion_schedule(schedule)
-  model = oracle.oracle_model_fn(mean, std, schedule, "eps")
   log_prob = lambda x_t, t, x0: -jnp.sum((x0 - m) ** 2, axis=(1, 2))
   x_t, t = jax.random.normal(jax.random.key(2), (3, 2, 2)), jnp.array([0.3, 0.5, 0.8])
   alpha, sigma = (a[:, None, None] for a in alpha_sigma(sched(t)))
-  eps = model(x_t, t)
-  x0 = (x_t - sigma * eps) / alpha
-  for through, slope in [
-    (False, 1.0 / alpha),
-    (True, alpha * std**2 / (alpha**2 * std**2 + sigma**2)),
-  ]:
-    fn = guidance.classifier_guidance(
-      model, log_prob, 0.5, schedule, "eps", grad_through_model=through
-    )
-    grad = -2.0 * (x0 - m) * slope
-    np.testing.assert_allclose(fn(x_t, t), eps - 0.5 * sigma * grad, rtol=1e-5, atol=1e-6)
+  for std, mean in [(0.5, 0.1), (1.0, 0.0)]:
+    model = oracle.oracle_model_fn(mean, std, schedule, "eps")
+    eps = model(x_t, t)
+    x0 = (x_t - sigma * eps) / alpha
+    exact = alpha * std**2 / (alpha**2 * std**2 + sigma**2)
+    for through, slope in [(False, alpha), (True, exact)]:
+      fn = guidance.classifier_guidance(
+        model, log_prob, 0.5, schedule, "eps", grad_through_model=through
+      )
+      grad = -2.0 * (x0 - m) * slope
+      np.testing.assert_allclose(fn(x_t, t), eps - 0.5 * sigma * grad, rtol=1e-5, atol=1e-6)
+  # For unit-variance data the cheap Jacobian is the exact one.
+  np.testing.assert_allclose(alpha, alpha / (alpha**2 + sigma**2), rtol=1e-5)
 
 
 def test_classifier_guidance_scale_zero_is_the_model_and_bad_scale_fails():
