@@ -155,7 +155,7 @@ def main() -> None:
   rows, results = [], []
   for s in scales:
     guide = ClipGuidance(guide_clip, s, cutouts=args.cutouts) if s > 0 else None
-    cascade.generate(prompts[:2], seed=0, guide=guide, progress=False)  # compile
+    cascade.generate(prompts, seed=0, guide=guide, progress=False)  # compile every bucket
     t = time.time()
     out, _ = cascade.generate(prompts, seed=0, guide=guide, progress=False)
     seconds = (time.time() - t) / len(prompts)

@@ -8,8 +8,9 @@ where f, g are the image and text embeddings (:func:`imagen_jax.diffusion.classi
 the shift; this module supplies log p(c | x) = cos(f(x), g(c))). GLIDE trains a *noised* CLIP that
 reads x_t and t; with the public (clean) CLIPs the image scored is the model's x̂0 instead, either
 whole or as random square cutouts resized to CLIP's input (the usual trick: the gradient of many
-crops is less adversarial). Typical scales for clean CLIP on x̂0 are s ≈ 100–1000 (cosines move by
-~0.01); it composes with classifier-free guidance, which runs first, on every sampler.
+crops is less adversarial). The right scale depends on the CLIP and the model: sweep it
+(``bench/clip_guidance.py``). It composes with classifier-free guidance, which runs first, on
+every sampler.
 
 Use it through the cascade::
 

@@ -105,7 +105,7 @@ _INVERT = flags.DEFINE_bool(
 _NULL_TEXT = flags.DEFINE_bool("null_text", True, "--invert: null-text inversion (under guidance).")
 # CLIP guidance (GLIDE §2.3): imagen_jax.sample.clip_guidance.
 _CLIP = flags.DEFINE_string("clip", None, "CLIP checkpoint dir or hub id, for --clip_guidance.")
-_CLIP_SCALE = flags.DEFINE_float("clip_guidance", 0.0, "CLIP guidance scale (0 = off; ~100-1000).")
+_CLIP_SCALE = flags.DEFINE_float("clip_guidance", 0.0, "CLIP guidance scale s (0 = off).")
 _CLIP_CUTOUTS = flags.DEFINE_integer("clip_cutouts", 0, "Random crops scored per step (0: whole).")
 _CLIP_STAGES = flags.DEFINE_list("clip_stages", None, "Stages to guide (default: the first).")
 flags.DEFINE_bool("debug", False, cli.DEBUG_HELP)
