@@ -130,7 +130,7 @@ def test_registry_runs_evaluators_and_splits_scalars_from_pictures(clip_dir):
   evals.clip_score.clip = str(clip_dir)
   evals.num_prompts = 6
   built = registry.build_evaluators(evals, data_source="shapes")
-  assert [e.name for e in built] == ["clip_score", "grid", "shapes_alignment"]
+  assert [e.name for e in built] == ["clip_score", "grid", "shapes"]
   prompts = registry.eval_prompts(built, default=["ignored"] * 6)
   assert prompts == built[2].prompts  # shapes fixes its own prompts
   square = np.random.default_rng(1).uniform(-1, 1, (6, 32, 32, 3)).astype(np.float32)

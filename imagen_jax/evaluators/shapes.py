@@ -363,7 +363,7 @@ class ShapesAlignmentEvaluator:
   The trainer samples one image per entry of :attr:`prompts` and calls :meth:`run` on them.
   """
 
-  name = "shapes_alignment"
+  name = "shapes"
 
   def __init__(
     self,
