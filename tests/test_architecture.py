@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
   "text": 2,
   "clip": 2,
   "data": 3,
+  "checkpoint_integrity": 3,
   "config": 4,
   "checkpoint": 4,
   "stage": 5,

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from imagen_jax import checkpoint as ckpt_lib
-from imagen_jax.checkpoint import CheckpointDamagedError, CheckpointMismatchError
+from imagen_jax.checkpoint_integrity import CheckpointDamagedError, CheckpointMismatchError
 from tests.train_utils import ROOT, subprocess_env
 
 STEPS = (1, 2, 3)

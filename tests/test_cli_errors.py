@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from imagen_jax import sharding
-from imagen_jax.checkpoint import saved_state_metadata
+from imagen_jax.checkpoint_integrity import saved_state_metadata
 from imagen_jax.config import load_config
 from imagen_jax.tools import cli
 from tests.train_utils import ROOT

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagen_jax.checkpoint import CheckpointMismatchError
+from imagen_jax.checkpoint_integrity import CheckpointMismatchError
 from imagen_jax.config import stage_config
 from imagen_jax.stage import step as step_lib
 from imagen_jax.train import NonFiniteError, train_and_evaluate

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
-from imagen_jax.checkpoint import saved_state_metadata
+from imagen_jax.checkpoint_integrity import saved_state_metadata
 from imagen_jax.tools import cli
 
 
