@@ -224,6 +224,13 @@ MISTAKES = {
   "sample_clip_guidance_missing_checkpoint": _sample(
     "{tmp}/no_clip", RUN, "--clip_guidance=100", "--clip={tmp}/no_clip"
   ),
+  # sample.py's DeepFloyd IF flags.
+  "sample_if_dirs_missing": _sample("--if_dirs", "--if_dirs={tmp}/no_if", "--prompt=a"),
+  "sample_if_t5_without_if_dirs": _sample("--if_t5", RUN, "--if_t5={tmp}/t5"),
+  "sample_if_dirs_and_workdir": _sample("--if_dirs replaces --workdir", RUN, "--if_dirs={tmp}/x"),
+  "sample_if_dirs_edit": _sample(
+    "--if_dirs", "--if_dirs={tmp}/no_if", "--prompt=a red circle", "--edit_prompt=a blue circle"
+  ),
   # sample.py's image operations: misuse fails before the (absent) checkpoint is loaded.
   "sample_mask_and_outpaint": _sample(
     "--mask and --outpaint", RUN, INIT, "--mask={tmp}/low.png", "--outpaint=left:8"

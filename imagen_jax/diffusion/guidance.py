@@ -71,7 +71,12 @@ def _double(cond: Any, uncond: Any, batch: int) -> Any:
 
 
 def classifier_free_guidance(
-  model_fn: ConditionalModelFn, cond: Any, uncond: Any, guidance_scale: Array | float
+  model_fn: ConditionalModelFn,
+  cond: Any,
+  uncond: Any,
+  guidance_scale: Array | float,
+  *,
+  learned_variance: bool = False,
 ) -> ModelFn:
   """Wraps a conditional model into a guided ``model_fn(x_t, t)`` for the samplers.
 
@@ -86,9 +91,13 @@ def classifier_free_guidance(
     cond: pytree of arrays with leading batch dimension B (e.g. text embeddings and mask).
     uncond: pytree like ``cond`` for the unconditional / negative branch.
     guidance_scale: w ≥ 0, scalar or ``[B]`` (per-example).
+    learned_variance: the model's last axis holds 2C channels, the prediction then the learned
+      variance (DeepFloyd IF); the prediction is guided, the variance is the conditional
+      branch's (as IF's pipelines do).
 
   Returns:
-    ``guided_fn(x_t, t) -> pred`` with the shape of ``x_t``.
+    ``guided_fn(x_t, t) -> pred`` with the shape of ``x_t`` (2C channels with
+    ``learned_variance``).
 
   Raises:
     ValueError: negative ``guidance_scale`` (when concrete), mismatched ``cond``/``uncond``.
@@ -111,13 +120,19 @@ def classifier_free_guidance(
       jnp.concatenate([t, t], axis=0),  # [2B]
       _double(cond, uncond, batch),
     )
-    if tuple(both.shape) != (2 * batch, *x_t.shape[1:]):
+    want = (2 * batch, *x_t.shape[1:])
+    if learned_variance:
+      want = (*want[:-1], 2 * want[-1])
+    if tuple(both.shape) != want:
       raise ValueError(
-        f"model_fn output on the doubled batch has shape {tuple(both.shape)}, expected "
-        f"{(2 * batch, *x_t.shape[1:])}"
+        f"model_fn output on the doubled batch has shape {tuple(both.shape)}, expected {want}"
       )
     pred_cond, pred_uncond = both[:batch], both[batch:]
-    return guide(pred_cond, pred_uncond, guidance_scale)
+    if not learned_variance:
+      return guide(pred_cond, pred_uncond, guidance_scale)
+    c = x_t.shape[-1]
+    guided = guide(pred_cond[..., :c], pred_uncond[..., :c], guidance_scale)
+    return jnp.concatenate([guided, pred_cond[..., c:]], axis=-1)
 
   return guided_fn
 
@@ -186,11 +201,14 @@ def classifier_guidance(
   return guided_fn
 
 
-def check_threshold(mode: str, percentile: float) -> None:
-  """Raises ``ValueError`` for an unknown ``mode`` or a ``percentile`` outside (0, 100]."""
+def check_threshold(mode: str, percentile: float, max_scale: float | None = None) -> None:
+  """Raises ``ValueError`` for an unknown ``mode``, a ``percentile`` outside (0, 100] or a
+  ``max_scale`` below 1."""
   if mode not in THRESHOLD_MODES:
     raise ValueError(f"thresholding mode must be one of {THRESHOLD_MODES}, got {mode!r}")
   _check_percentile(percentile)
+  if max_scale is not None and not (_is_concrete(max_scale) and float(max_scale) >= 1.0):
+    raise ValueError(f"threshold max_scale must be a number >= 1 or None, got {max_scale!r}")
 
 
 def _check_percentile(percentile: float) -> None:
@@ -245,7 +263,7 @@ def abs_percentile(x: Array, percentile: float) -> Array:
   return jnp.where(jnp.isnan(a).any(axis=1), jnp.nan, out)
 
 
-def dynamic_threshold(x0: Array, percentile: float = 99.5) -> Array:
+def dynamic_threshold(x0: Array, percentile: float = 99.5, max_scale: float | None = None) -> Array:
   """Dynamic thresholding (Imagen §2.3): per sample, s = percentile_p(|x̂0|), s = max(s, 1);
   x̂0 ← clip(x̂0, −s, s) / s.
 
@@ -255,23 +273,31 @@ def dynamic_threshold(x0: Array, percentile: float = 99.5) -> Array:
   Args:
     x0: predicted data, ``[B, ...]``.
     percentile: p ∈ (0, 100]; the paper uses 99.5.
+    max_scale: cap on s (DeepFloyd IF: s ≤ 1.5, diffusers' ``sample_max_value``; values beyond
+      are clipped); ``None`` = no cap, as in the paper.
   """
   s = abs_percentile(x0.reshape(x0.shape[0], -1), percentile)  # [B]
-  s = jnp.maximum(s, 1.0).reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
+  s = jnp.maximum(s, 1.0)
+  if max_scale is not None:
+    s = jnp.minimum(s, float(max_scale))
+  s = s.reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
   return jnp.clip(x0, -s, s) / s
 
 
-def threshold(x0: Array, mode: str, percentile: float = 99.5) -> Array:
+def threshold(
+  x0: Array, mode: str, percentile: float = 99.5, max_scale: float | None = None
+) -> Array:
   """Applies ``"none"``, ``"static"`` (clip to [−1, 1], Imagen §2.3) or ``"dynamic"`` thresholding.
 
   Args:
     x0: predicted data, ``[B, ...]``.
     mode: ``"none"``, ``"static"`` or ``"dynamic"``.
     percentile: p for dynamic thresholding, in (0, 100].
+    max_scale: dynamic thresholding's cap on s (see :func:`dynamic_threshold`).
   """
-  check_threshold(mode, percentile)
+  check_threshold(mode, percentile, max_scale)
   if mode == "none":
     return x0
   if mode == "static":
     return jnp.clip(x0, -1.0, 1.0)
-  return dynamic_threshold(x0, percentile)
+  return dynamic_threshold(x0, percentile, max_scale)

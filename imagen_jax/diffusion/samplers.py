@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax.diffusion import gaussian, inpaint
+from imagen_jax.diffusion.discrete import learned_range_log_variance
 from imagen_jax.diffusion.guidance import check_threshold, threshold
 from imagen_jax.diffusion.schedules import Schedule, alpha_sigma, as_schedule
 
@@ -45,6 +46,8 @@ SAMPLE_STATIC_ARGNAMES = (
   "shared_noise",
   "resample",
   "jump",
+  "threshold_max",
+  "learned_variance",
 )
 
 
@@ -53,19 +56,30 @@ def time_grid(steps: int, t_start: float = 1.0, t_end: float = 0.0) -> Array:
   return jnp.linspace(t_start, t_end, steps + 1, dtype=jnp.float32)
 
 
-def ancestral_step(x_t: Array, x0: Array, logsnr_t: Array, logsnr_s: Array, noise: Array) -> Array:
+def ancestral_step(
+  x_t: Array,
+  x0: Array,
+  logsnr_t: Array,
+  logsnr_s: Array,
+  noise: Array,
+  log_variance: Array | None = None,
+) -> Array:
   """One draw from the posterior q(x_s | x_t, x0 = x̂0) (Ho et al. 2020 eq. (6)-(7) in continuous
   time, as in VDM; Imagen App. A eq. (6) with γ = 0, i.e. the posterior variance):
 
     μ = r (α_s / α_t) x_t + (1 − r) α_s x̂0,    σ̃² = (1 − r) σ_s².
 
   1 − r is computed as −expm1(λ_t − λ_s) so that small steps keep their digits.
+  ``log_variance`` replaces σ̃² by a model's own (the learned range of
+  :func:`~imagen_jax.diffusion.discrete.learned_range_log_variance`); the mean is unchanged.
   """
   alpha_t, _ = alpha_sigma(logsnr_t)
   alpha_s, sigma_s = alpha_sigma(logsnr_s)
   r = jnp.exp(logsnr_t - logsnr_s)
   one_minus_r = -jnp.expm1(logsnr_t - logsnr_s)
   mean = r * (alpha_s / alpha_t) * x_t + one_minus_r * alpha_s * x0
+  if log_variance is not None:
+    return mean + jnp.exp(0.5 * log_variance) * noise
   return mean + jnp.sqrt(one_minus_r) * sigma_s * noise
 
 
@@ -120,7 +134,13 @@ def dpmpp_2m_step(
 
 
 def denoise(
-  pred: Array, x_t: Array, logsnr: Array, pred_type: str, thresholding: str, percentile: float
+  pred: Array,
+  x_t: Array,
+  logsnr: Array,
+  pred_type: str,
+  thresholding: str,
+  percentile: float,
+  threshold_max: float | None = None,
 ) -> tuple[Array, Array]:
   """A model output → the thresholded (x̂0, ε̂) every sampler steps with (Imagen §2.3).
 
@@ -128,7 +148,7 @@ def denoise(
   """
   x0, eps = gaussian.to_x0_eps(pred, x_t, logsnr, pred_type)
   if thresholding != "none":
-    x0 = threshold(x0, thresholding, percentile)
+    x0 = threshold(x0, thresholding, percentile, threshold_max)
     eps = gaussian.eps_from_x0(x0, x_t, logsnr)
   return x0, eps
 
@@ -144,15 +164,17 @@ def solver_step(
   first: Array,
   noise: Array | None,
   eta: float,
+  log_variance: Array | None = None,
 ) -> tuple[Array, Any]:
   """One move t → s of ``sampler`` from the denoised (x̂0, ε̂) at t; ``aux`` is the multistep
   history (``(x̂0_prev, h_prev)`` for DPM-Solver++, ``()`` otherwise), ``first`` restarts it.
+  ``log_variance``: a learned variance for the ancestral step (ignored by the others).
 
   Returns:
     ``(x_s, aux)``.
   """
   if sampler == "ancestral":
-    return ancestral_step(x_t, x0, logsnr_t, logsnr_s, noise), aux
+    return ancestral_step(x_t, x0, logsnr_t, logsnr_s, noise, log_variance), aux
   if sampler == "ddim":
     return ddim_step(x0, eps, logsnr_t, logsnr_s, noise if eta > 0 else None, eta), aux
   x0_prev, h_prev = aux
@@ -213,6 +235,8 @@ def sample(
   mask: Array | None = None,
   resample: int = 1,
   jump: int = 1,
+  threshold_max: float | None = None,
+  learned_variance: bool = False,
 ) -> Array | tuple[Array, Any]:
   """Runs a whole sampler as one ``lax.fori_loop`` and returns x̂0.
 
@@ -257,6 +281,11 @@ def sample(
       going back up with the forward process in between (1 = plain replacement). Only with
       ``known``.
     jump: RePaint's jump length, in steps.
+    threshold_max: dynamic thresholding's cap on the scale s (DeepFloyd IF: 1.5).
+    learned_variance: ``model_fn`` returns 2C channels on the last axis: the prediction, then
+      a learned-range variance v (DDPM with learned Σ, Nichol & Dhariwal 2021; DeepFloyd IF).
+      The ancestral sampler steps with Σ = exp(f log β + (1 − f) log β̃), f = (v + 1)/2; DDIM
+      and DPM-Solver++ use the prediction only.
 
   The model sees grid indices as ``step``: under resampling a step index repeats.
 
@@ -273,7 +302,7 @@ def sample(
   recompile.
   """
   _check_config(model_fn, x_T, rng, sampler, steps, pred_type, eta, t_start, t_end, progress_fn)
-  check_threshold(thresholding, percentile)
+  check_threshold(thresholding, percentile, threshold_max)
   if after_step is not None and state is None:
     raise ValueError("after_step needs state (it is called as after_step(step, x_next, state))")
   inpaint.check_resample(resample, jump)
@@ -315,17 +344,25 @@ def sample(
       pred, state = model_fn(x, t, i, state)
     else:
       pred = model_fn(x, t)
-    if tuple(pred.shape) != tuple(x.shape):
+    want = (*x.shape[:-1], 2 * x.shape[-1]) if learned_variance else tuple(x.shape)
+    if tuple(pred.shape) != want:
       raise ValueError(
         f"model_fn output has shape {tuple(pred.shape)}, but x_T has shape {tuple(x.shape)}"
+        + (" (learned_variance: 2× the channels)" if learned_variance else "")
       )
-    x0, eps = denoise(pred, x, logsnrs[i], pred_type, thresholding, percentile)
+    log_var = None
+    if learned_variance:
+      c = x.shape[-1]
+      pred, v = pred[..., :c], pred[..., c:]
+      if sampler == "ancestral":
+        log_var = learned_range_log_variance(v, logsnrs[i], logsnrs[i + 1])
+    x0, eps = denoise(pred, x, logsnrs[i], pred_type, thresholding, percentile, threshold_max)
     if progress_fn is not None:
       jax.debug.callback(progress_fn, i, x0 if progress_x0 else None)
     lt, ls = logsnrs[i], logsnrs[i + 1]
     stochastic = sampler == "ancestral" or (sampler == "ddim" and eta > 0)
     noise = draw(jax.random.fold_in(rng, k)) if stochastic else None
-    x_next, aux = solver_step(sampler, x, x0, eps, aux, lt, ls, fresh, noise, eta)
+    x_next, aux = solver_step(sampler, x, x0, eps, aux, lt, ls, fresh, noise, eta, log_var)
     last = i == steps - 1
     x_next = jnp.where(last, x0, x_next)  # the last step returns x̂0
     if known is not None:

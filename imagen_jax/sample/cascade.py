@@ -38,6 +38,7 @@ from imagen_jax import config as config_lib
 from imagen_jax import diffusion, metrics, sharding
 from imagen_jax.checkpoint import restore_params_with_step
 from imagen_jax.sample.batching import MeshSpec, as_mesh, batch_size, chunk_rng, to_host
+from imagen_jax.sample.deepfloyd import IF_NULL_PROMPT, load_if_stages
 from imagen_jax.sample.runs import Workdirs, check_chain, load_run_configs
 from imagen_jax.sample.stage import SamplerSettings, make_stage_sampler
 from imagen_jax.stage.model import StageModel, stage_schedule
@@ -58,6 +59,7 @@ class CascadeStage:
   settings: SamplerSettings
   checkpoint_step: int | None = None
   workdir: str | None = None  # the training run it was restored from
+  learned_variance: bool = False  # the U-Net also outputs a learned-range variance (IF)
 
   @classmethod
   def from_stage_config(
@@ -116,6 +118,9 @@ class Cascade:
       the rest); default ``data`` over all devices (weights replicated, batch split).
     rules: logical axis rules for the weights (default :data:`imagen_jax.sharding.DEFAULT_RULES`;
       a run's ``config.logical_rules`` in :meth:`from_workdir`).
+    null_prompt: the unconditional branch's prompt when no negative prompts are given
+      (DeepFloyd IF: ``""``); None = the null condition (zero embeddings, all-false mask) the
+      project's U-Nets are trained with.
 
   Stage params are placed on ``mesh`` by their logical axis names (a no-op when they were restored
   into those shardings, as :meth:`from_workdir` does).
@@ -129,6 +134,7 @@ class Cascade:
     max_batch: int = 16,
     mesh: MeshSpec = None,
     rules: sharding.Rules | None = None,
+    null_prompt: str | None = None,
   ):
     if not stages:
       raise ValueError("Cascade needs at least one stage")
@@ -142,6 +148,7 @@ class Cascade:
       for s in stages
     ]
     self.text = text
+    self.null_prompt = null_prompt
     self.max_batch = int(max_batch)
     # Every compiled batch splits evenly over the data-parallel devices (data × fsdp).
     self.batch_shards = int(np.prod([self.mesh.shape[a] for a in sharding.BATCH_AXES]))
@@ -236,6 +243,48 @@ class Cascade:
         )
       )
     return cls(out, text, max_batch=max_batch, mesh=mesh, rules=rules)
+
+  @classmethod
+  def from_diffusers(
+    cls,
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    t5: str | os.PathLike | None = None,
+    settings: dict[str, dict] | None = None,
+    variant: str | None = None,
+    dtype: Any = jnp.float32,
+    max_batch: int = 16,
+    mesh: MeshSpec = None,
+  ) -> Cascade:
+    """DeepFloyd IF stages from diffusers pipeline directories (or Hub ids), base first.
+
+    E.g. ``Cascade.from_diffusers(["/ckpt/IF-I-XL-v1.0", "/ckpt/IF-II-L-v1.0"])``. Stages are
+    named by their directory; each gets IF's sampling defaults (see
+    :mod:`imagen_jax.sample.deepfloyd`), T5 comes from ``t5`` or the first directory's
+    ``text_encoder/`` + ``tokenizer/``, and the unconditional branch is the empty prompt.
+
+    Args:
+      paths: the stages' pipeline directories, base first.
+      t5: a T5 checkpoint (with its tokenizer) instead of the first stage's ``text_encoder/``.
+      settings: per-stage overrides of the sampler settings, by stage name.
+      variant: weight-file variant (``"fp16"``).
+      dtype: compute dtype of the U-Nets and T5 (``jnp.bfloat16`` on accelerators).
+      max_batch: largest batch per compiled call.
+      mesh: the mesh to sample on (see :class:`Cascade`); weights are read straight into their
+        shardings on it.
+    """
+    mesh = as_mesh(mesh)
+    stages, text = load_if_stages(
+      paths, t5=t5, settings=settings, variant=variant, dtype=dtype, mesh=mesh
+    )
+    return cls(
+      [CascadeStage(**fields) for fields in stages],
+      text,
+      max_batch=max_batch,
+      mesh=mesh,
+      rules=sharding.DEFAULT_RULES,
+      null_prompt=IF_NULL_PROMPT,
+    )
 
   # ---- sampling -----------------------------------------------------------------------------
 
@@ -354,6 +403,8 @@ class Cascade:
         raise ValueError(
           f"embeddings must be (emb [{n}, L, D], mask [{n}, L]), got {emb.shape}, {mask.shape}"
         )
+    if negative_prompts is None and self.null_prompt is not None:
+      negative_prompts = [self.null_prompt] * n
     if negative_prompts is None:
       null_emb, null_mask = np.zeros_like(emb), np.zeros_like(mask)
     else:
@@ -475,6 +526,7 @@ class Cascade:
         progress_x0=report == "x0",
         control=control,
         guide=guide,
+        learned_variance=stage.learned_variance,
       )
     return self._samplers[key]
 
@@ -518,7 +570,7 @@ class Cascade:
       null_axis = 0
     args = [pad(emb), pad(mask), pad(null_emb, null_axis), pad(null_mask), np.asarray(x_T)]
     if lowres is not None:
-      args.append(pad(lowres))
+      args.append(pad(stage.model.prepare_lowres(lowres, stage.image_size)))
     args = [
       self._put(a, sharding.batch_sharding(self.mesh, a.ndim))
       if i != 2 or null_axis == 0

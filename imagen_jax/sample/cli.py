@@ -10,12 +10,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from PIL import Image
 
 from imagen_jax import diffusion, metrics
 from imagen_jax.data import shapes
 from imagen_jax.data.preprocess import BadExample, to_rgb
+from imagen_jax.sample import deepfloyd
 from imagen_jax.sample.cascade import Cascade
 from imagen_jax.sample.clip_guidance import ClipGuidance
 from imagen_jax.sample.runs import Workdirs, load_run_configs
@@ -91,6 +94,8 @@ def read_prompts(
       )
   if out:
     return out
+  if workdir is None:  # DeepFloyd IF stages: no demo prompts
+    raise ValueError("no prompts: pass --prompt=... (repeatable) or --prompts_file=...")
   config = load_run_configs(workdir)[0][1]
   if config.data.source == "shapes":
     return shapes.default_prompts(8, seed=1)
@@ -164,13 +169,14 @@ class Prepared:
   """A loaded cascade and the checked inputs of one ``sample.py`` run."""
 
   cascade: Cascade
-  workdirs: list[str]
+  workdirs: list[str]  # the training runs (or DeepFloyd IF directories) of the stages
   init: np.ndarray | None  # [1, H, W, 3] in [-1, 1] (--init_image), not yet repeated
+  default_outdir: str | None = None  # default: <first workdir>/samples_cli
 
 
 def prepare(
   *,
-  workdir: Workdirs,
+  workdir: Workdirs | None,
   settings: dict[str, dict] | None = None,
   stages: Sequence[str] | None = None,
   start_stage: str | None = None,
@@ -179,18 +185,39 @@ def prepare(
   max_batch: int = 16,
   compilation_cache: str | None = None,
   mesh: dict[str, int] | None = None,
+  if_dirs: Sequence[str] | None = None,
+  if_t5: str | None = None,
+  if_variant: str | None = None,
+  if_dtype: str = "float32",
 ) -> Prepared:
   """Checks every flag, reads ``--init_image``, then loads the cascade (in that order: a mistake
-  costs no checkpoint load)."""
+  costs no checkpoint load). ``if_dirs`` loads DeepFloyd IF stages instead of ``workdir``."""
   if max_batch < 1:
     raise ValueError(f"--max_batch must be >= 1, got {max_batch}")
   if compilation_cache:
     jax.config.update("jax_compilation_cache_dir", compilation_cache)
   settings = dict(settings or {})
   common = settings.pop("*", {})
-  runs = load_run_configs(workdir)
-  stage_configs = {n: config.stages[n] for _, config in runs for n in config.stage_order}
-  names = list(stages or stage_configs)
+  if if_dirs:
+    if stages:
+      raise ValueError("--stages does not apply to --if_dirs: list just the stages' directories")
+    if if_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"--if_dtype={if_dtype}; choose float32 or bfloat16")
+    try:
+      sizes = deepfloyd.stage_sizes(list(if_dirs))
+    except FileNotFoundError as e:
+      raise ValueError(f"--if_dirs: {e}") from None
+    names = [name for name, _, _ in sizes]
+    stage_configs = {
+      name: ml_collections.ConfigDict(dict(name=name, image_size=size, lowres_size=lowres))
+      for name, size, lowres in sizes
+    }
+  else:
+    if workdir is None:
+      raise ValueError("pass --workdir (a train.py run) or --if_dirs (DeepFloyd IF stages)")
+    runs = load_run_configs(workdir)
+    stage_configs = {n: config.stages[n] for _, config in runs for n in config.stage_order}
+    names = list(stages or stage_configs)
   unknown = [n for n in names if n not in stage_configs]
   if unknown:
     raise ValueError(
@@ -205,6 +232,17 @@ def prepare(
   if init_image:
     init = load_image(init_image)
     _check_init_size(init, init_image, first, strength)
+  if if_dirs:
+    cascade = Cascade.from_diffusers(
+      list(if_dirs),
+      t5=if_t5,
+      settings=per_stage,
+      variant=if_variant,
+      dtype=jnp.bfloat16 if if_dtype == "bfloat16" else jnp.float32,
+      max_batch=max_batch,
+      mesh=mesh,
+    )
+    return Prepared(cascade, list(if_dirs), init, default_outdir="samples_if")
   workdirs = [d for d, _ in runs]
   cascade = Cascade.from_workdir(
     workdirs, stages=names, settings=per_stage, max_batch=max_batch, mesh=mesh
@@ -214,7 +252,7 @@ def prepare(
 
 def run(
   *,
-  workdir: Workdirs,
+  workdir: Workdirs | None,
   prompts: Sequence[str],
   num_images: int = 1,
   seed: int = 0,
@@ -229,6 +267,7 @@ def run(
   compilation_cache: str | None = None,
   mesh: dict[str, int] | None = None,
   guide: ClipGuidance | None = None,
+  **if_args: Any,
 ) -> dict[str, Any]:
   """Samples ``num_images`` per prompt and writes ``outdir/{i:03d}_{stage}.png``, ``grid.png``
   and ``metadata.json``. Returns the written paths.
@@ -237,7 +276,9 @@ def run(
   :meth:`Cascade.from_workdir`); ``outdir`` defaults to ``<first workdir>/samples_cli``.
   ``mesh`` gives the device mesh's axis sizes (``{"data": 2, "fsdp": 4}``; default data over all
   devices). In a multi-process run every process samples its part and process 0 writes the files.
-  ``guide`` adds CLIP guidance (``--clip_guidance``).
+  ``guide`` adds CLIP guidance (``--clip_guidance``). ``if_args`` (``if_dirs``, ``if_t5``,
+  ``if_variant``, ``if_dtype``) sample DeepFloyd IF stages instead (see :func:`prepare`); their
+  files go to ``samples_if/`` by default.
   """
   if num_images < 1:
     raise ValueError(f"--num_images must be >= 1, got {num_images}")
@@ -251,6 +292,7 @@ def run(
     max_batch=max_batch,
     compilation_cache=compilation_cache,
     mesh=mesh,
+    **if_args,
   )
   all_prompts = [p for p in prompts for _ in range(num_images)]
   n = len(all_prompts)
@@ -290,7 +332,7 @@ def write_outputs(
     ``{"outdir", "grid", "images": [{"file", "prompt", "stage", "index"}, ...]}``.
   """
   cascade, workdirs = prep.cascade, prep.workdirs
-  outdir = outdir or os.path.join(workdirs[0], "samples_cli")
+  outdir = outdir or prep.default_outdir or os.path.join(workdirs[0], "samples_cli")
   writer = jax.process_index() == 0
   if writer:
     os.makedirs(outdir, exist_ok=True)

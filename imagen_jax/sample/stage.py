@@ -36,6 +36,8 @@ class SamplerSettings:
     jump: inpainting only: RePaint's jump length, in steps.
     noise_scale: the starting noise's scale (GLIDE's upsampler "temperature": 0.997 for its
       SR stage; 1 = the prior).
+    threshold_max: dynamic thresholding's cap on its scale s (DeepFloyd IF: 1.5, with
+      ``percentile=95``); None = no cap (Imagen).
   """
 
   sampler: str = "dpmpp_2m"
@@ -48,6 +50,7 @@ class SamplerSettings:
   resample: int = 1
   jump: int = 1
   noise_scale: float = 1.0
+  threshold_max: float | None = None
 
   def __post_init__(self):
     if self.sampler not in SAMPLERS:
@@ -65,6 +68,8 @@ class SamplerSettings:
     check_resample(self.resample, self.jump)
     if not self.noise_scale > 0.0:
       raise ValueError(f"noise_scale must be > 0, got {self.noise_scale}")
+    if self.threshold_max is not None and not self.threshold_max >= 1.0:
+      raise ValueError(f"threshold_max must be >= 1 or None, got {self.threshold_max}")
 
   @classmethod
   def from_config(cls, cfg: Any) -> SamplerSettings:
@@ -95,13 +100,19 @@ def _conditioning(
   return rng_sample, (text_emb, text_mask, extra), uncond
 
 
-def _model_fn(apply_fn, params, schedule, controller=None):
-  """``model_fn(x_t, t, cond) -> pred`` (float32) of the U-Net with ``cond = (emb, mask, kw)``."""
+def _model_fn(apply_fn, params, schedule, controller=None, learned_variance=False):
+  """``model_fn(x_t, t, cond) -> pred`` (float32) of the U-Net with ``cond = (emb, mask, kw)``.
+
+  A U-Net with a learned variance (DeepFloyd IF: 2C output channels) keeps it only with
+  ``learned_variance`` (the ancestral sampler steps with it); otherwise the prediction alone.
+  """
 
   def model_fn(x_t, t, cond):
     emb, mask, kw = cond
     out = apply_fn(params, x_t, schedule(t), emb, mask, controller=controller, **kw)
     out = out[0] if controller is not None else out  # (out, controller.outputs())
+    if not learned_variance:
+      out = out[..., : x_t.shape[-1]]
     return out.astype(jnp.float32)
 
   return model_fn
@@ -117,6 +128,7 @@ def make_stage_sampler(
   progress_x0: bool = False,
   control: Any = None,
   guide: Any = None,
+  learned_variance: bool = False,
 ) -> Callable:
   """Returns a jitted ``sample(params, rng, text_emb, text_mask, null_emb, null_mask, x_T,
   lowres=None, control_data=None, known=None, mask=None, aug_eps=None, guide_data=None,
@@ -148,7 +160,17 @@ def make_stage_sampler(
   per-stage part) adds classifier guidance after classifier-free guidance
   (:func:`~imagen_jax.diffusion.classifier_guidance`): ``guide.log_prob(guide_data, x_t, t, x̂0)
   -> [B]`` with arrays ``guide_data`` (its ``"scale"`` is s), ``guide.grad_through_model``.
+
+  ``learned_variance``: the U-Net also outputs a learned-range variance (DeepFloyd IF); the
+  ancestral sampler steps with it (the conditional branch's, under guidance), the others use
+  the prediction alone.
   """
+  learned_variance = bool(learned_variance) and settings.sampler == "ancestral"
+  if learned_variance and guide is not None:
+    raise ValueError(
+      "classifier (CLIP) guidance with a learned-variance stage needs a sampler other than "
+      "'ancestral' (ddim or dpmpp_2m)"
+    )
 
   def sample(
     params,
@@ -182,7 +204,7 @@ def make_stage_sampler(
     )
 
     def guided(controller, step=None):
-      model_fn = _model_fn(apply_fn, params, schedule, controller)
+      model_fn = _model_fn(apply_fn, params, schedule, controller, learned_variance)
       if settings.guidance == 1.0:
         # w = 1 is the conditional model alone: skip the doubled batch.
         fn = lambda x_t, t: model_fn(x_t, t, cond)
@@ -190,7 +212,9 @@ def make_stage_sampler(
         un = uncond
         if per_step_null:
           un = (null_emb[step].astype(text_emb.dtype), *uncond[1:])
-        fn = diffusion.classifier_free_guidance(model_fn, cond, un, settings.guidance)
+        fn = diffusion.classifier_free_guidance(
+          model_fn, cond, un, settings.guidance, learned_variance=learned_variance
+        )
       if guide is None:
         return fn
       return diffusion.classifier_guidance(
@@ -209,6 +233,8 @@ def make_stage_sampler(
       pred_type=pred_type,
       thresholding=settings.thresholding,
       percentile=settings.percentile,
+      threshold_max=settings.threshold_max,
+      learned_variance=learned_variance,
       eta=settings.eta,
       t_start=t_start,
       progress_fn=progress_fn,

@@ -92,3 +92,8 @@ class StageModel:
 
   def num_params(self) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params()))
+
+  def prepare_lowres(self, lowres: Any, size: int) -> Any:
+    """The previous stage's images as this stage's low-res input: unchanged (the U-Net
+    resizes them itself, after noise augmentation at the low resolution)."""
+    return lowres

@@ -40,12 +40,17 @@ DEMO_ENCODER = "shapes_demo"
 
 
 class TextEmbedder:
-  """Turns batches and prompts into ``(text_emb [B, L, D], text_mask [B, L])``."""
+  """Turns batches and prompts into ``(text_emb [B, L, D], text_mask [B, L])``.
 
-  def __init__(self, encoder: Any = None, cache: Any = None):
+  ``zero_padding`` zeroes the hidden states of padded positions (what this project's U-Nets are
+  trained with); DeepFloyd IF was trained on the raw states of every position (``False``).
+  """
+
+  def __init__(self, encoder: Any = None, cache: Any = None, *, zero_padding: bool = True):
     if encoder is None and cache is None:
       raise ValueError("TextEmbedder needs a T5Encoder or an EmbeddingCache")
     self.encoder, self.cache = encoder, cache
+    self.zero_padding = bool(zero_padding)
     if encoder is not None and cache is not None and encoder.d_model != cache.d_model:
       raise ValueError(
         f"config.text.embedding_cache has d_model {cache.d_model} but config.text.encoder has "
@@ -72,7 +77,7 @@ class TextEmbedder:
       batch["text_mask"] = batch["text_mask"].astype(bool)
       return batch
     ids, mask = batch.pop("input_ids"), batch.pop("attention_mask").astype(bool)
-    batch["text_emb"] = self.encoder.encode(ids, mask, zero_padding=True)
+    batch["text_emb"] = self.encoder.encode(ids, mask, zero_padding=self.zero_padding)
     batch["text_mask"] = mask
     return batch
 
@@ -81,7 +86,7 @@ class TextEmbedder:
     if self.encoder is not None:
       ids, mask = self.encoder.tokenize(list(prompts))
       ids, mask = np.asarray(ids), np.asarray(mask, bool)  # host values: same on every process
-      return self.encoder.encode(ids, mask, zero_padding=True), mask
+      return self.encoder.encode(ids, mask, zero_padding=self.zero_padding), mask
     emb, mask = self.cache.lookup(list(prompts))
     return np.asarray(emb), np.asarray(mask, bool)
 

@@ -34,6 +34,17 @@ _WORKDIR = flags.DEFINE_list(
   "A train.py workdir, or several comma-separated (e.g. runs/base64,runs/sr256,runs/sr1024: "
   "stages trained as separate runs), whose stages form the cascade in that order.",
 )
+_IF_DIRS = flags.DEFINE_list(
+  "if_dirs",
+  None,
+  "DeepFloyd IF pipeline directories (diffusers format), base first, instead of --workdir: "
+  "e.g. /ckpt/IF-I-XL-v1.0,/ckpt/IF-II-L-v1.0 (the DeepFloyd IF licence applies).",
+)
+_IF_T5 = flags.DEFINE_string(
+  "if_t5", None, "T5 for --if_dirs (default: text_encoder/ of the first)."
+)
+_IF_VARIANT = flags.DEFINE_string("if_variant", None, "--if_dirs weight variant, e.g. fp16.")
+_IF_DTYPE = flags.DEFINE_enum("if_dtype", "float32", ["float32", "bfloat16"], "--if_dirs compute.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt (repeatable).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line.")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Negative prompt for every image.")
@@ -183,6 +194,28 @@ def _edit_image(op: str, edit: PromptToPrompt | None, source: dict) -> dict:
   )
 
 
+def _if_args(op: str | None, edit: PromptToPrompt | None) -> dict:
+  """The DeepFloyd IF flags (empty without ``--if_dirs``); misuse fails before any load."""
+  if not _IF_DIRS.value:
+    used = [f"--{n}" for n in ("if_t5", "if_variant", "if_dtype") if flags.FLAGS[n].present]
+    if used:
+      raise ValueError(f"{', '.join(used)} need --if_dirs (DeepFloyd IF stages)")
+    return {}
+  if flags.FLAGS["workdir"].present:
+    raise ValueError("--if_dirs replaces --workdir: pass one of them")
+  if op is not None or edit is not None:
+    raise ValueError(
+      "--if_dirs samples DeepFloyd IF stages; editing and image operations on them are not "
+      "available yet"
+    )
+  return dict(
+    if_dirs=_IF_DIRS.value,
+    if_t5=_IF_T5.value,
+    if_variant=_IF_VARIANT.value,
+    if_dtype=_IF_DTYPE.value,
+  )
+
+
 def _clip_guidance(op: str | None, edit: PromptToPrompt | None) -> ClipGuidance | None:
   """The CLIP guidance flags as a guide (``None`` when off); misuse fails before any load."""
   used = [f"--{n}" for n in ("clip", "clip_cutouts", "clip_stages") if flags.FLAGS[n].present]
@@ -218,8 +251,9 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   edit = _edit_settings()
   guide = _clip_guidance(op, edit)
+  if_args = _if_args(op, edit)
   source = dict(
-    workdir=_WORKDIR.value,
+    workdir=None if if_args else _WORKDIR.value,
     settings=settings,
     stages=_STAGES.value,
     max_batch=_MAX_BATCH.value,
@@ -246,8 +280,8 @@ def main(argv: list[str]) -> None:
       **common,
     )
   else:
-    prompts = sample_cli.read_prompts(_PROMPT.value, _PROMPTS_FILE.value, _WORKDIR.value)
-    paths = sample_cli.run(prompts=prompts, num_images=_NUM.value, guide=guide, **common)
+    prompts = sample_cli.read_prompts(_PROMPT.value, _PROMPTS_FILE.value, source["workdir"])
+    paths = sample_cli.run(prompts=prompts, num_images=_NUM.value, guide=guide, **common, **if_args)
   if jax.process_index() != 0:
     return
   print(f"Wrote {len(paths['images'])} images, grid {paths['grid']}")

@@ -1,0 +1,183 @@
+"""DeepFloyd IF through the Cascade against diffusers' IFPipeline + IFSuperResolutionPipeline.
+
+Tiny random IF stages are written in IF's pipeline layout (``unet/``, ``scheduler/``, stage I's
+sharded ``text_encoder/`` + ``tokenizer/``); ``Cascade.from_diffusers`` loads them, and both
+sides sample from the same starting noise and augmentation noise with the same T5 states.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+try:
+  from tests import t5_fixtures
+  from tests.torch_oracles import declare_torchvision_ops
+except ImportError:  # pragma: no cover
+  import t5_fixtures
+  from torch_oracles import declare_torchvision_ops
+
+declare_torchvision_ops()
+
+import diffusers  # noqa: E402
+from diffusers.pipelines.deepfloyd_if import pipeline_if, pipeline_if_superresolution  # noqa: E402
+
+from imagen_jax.models.if_unet import IFUNetConfig  # noqa: E402
+from imagen_jax.sample import cli as sample_cli  # noqa: E402
+from imagen_jax.sample.cascade import Cascade, StageInputs  # noqa: E402
+from imagen_jax.sample.deepfloyd import IF_MAX_LENGTH  # noqa: E402
+
+IF_SCHEDULER = dict(
+  beta_schedule="squaredcos_cap_v2", variance_type="learned_range", prediction_type="epsilon",
+  thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5,
+)  # fmt: skip
+PROMPTS = ["a red circle", "a big blue square on the left"]
+
+
+def _unet(preset: str, seed: int, **overrides) -> diffusers.UNet2DConditionModel:
+  cfg = {**IFUNetConfig.from_preset(preset).to_diffusers(), **overrides}
+  torch.manual_seed(seed)
+  model = diffusers.UNet2DConditionModel(**cfg).eval()
+  with torch.no_grad():  # every weight random (zero-init output layers would hide mistakes)
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  return model
+
+
+@pytest.fixture(scope="module")
+def if_dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("deepfloyd")
+  one, two = root / "IF-I-tiny", root / "IF-II-tiny"
+  t5_fixtures.make_tiny_t5_dir(one / "text_encoder", sharded=True, with_tokenizer=False)
+  t5_fixtures.make_tiny_tokenizer_dir(one / "tokenizer")
+  d = t5_fixtures.tiny_hf_config().d_model
+  _unet("tiny", 0, encoder_hid_dim=d, sample_size=16).save_pretrained(one / "unet")
+  _unet("tiny_sr", 1, encoder_hid_dim=d, sample_size=32).save_pretrained(two / "unet")
+  for path in (one, two):
+    diffusers.DDPMScheduler(**IF_SCHEDULER).save_pretrained(path / "scheduler")
+  return one, two
+
+
+@pytest.fixture(scope="module")
+def cascade(if_dirs):
+  return Cascade.from_diffusers(list(if_dirs))
+
+
+def _nchw(x):
+  return torch.from_numpy(np.asarray(x, np.float32).transpose(0, 3, 1, 2).copy())
+
+
+def _assert_close(ours, ref_nchw, tol):
+  """Max error relative to the images' scale (random tiny U-Nets without thresholding give
+  x̂0 far outside [−1, 1] at the noisiest steps)."""
+  ref = ref_nchw.numpy().transpose(0, 2, 3, 1)
+  err = np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max()
+  print(f"max error {err:.2e} of the images' scale")
+  assert err <= tol, f"max error {err:.2e} of the images' scale (tolerance {tol})"
+
+
+def _queue(monkeypatch, module, arrays):
+  queue = [_nchw(a) for a in arrays]
+  monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: queue.pop(0))
+  return queue
+
+
+def test_t5_states_are_ifs(if_dirs, cascade):
+  """IF's text: 77 tokens, padding states kept (not zeroed), as transformers' T5 gives them."""
+  from transformers import AutoTokenizer, T5EncoderModel
+
+  emb, mask = cascade.text.encode_prompts(PROMPTS)
+  tok = AutoTokenizer.from_pretrained(if_dirs[0] / "tokenizer")
+  ids = tok(
+    PROMPTS, padding="max_length", max_length=IF_MAX_LENGTH, truncation=True, return_tensors="pt"
+  )
+  ref = T5EncoderModel.from_pretrained(if_dirs[0] / "text_encoder")(**ids).last_hidden_state
+  assert emb.shape == (2, IF_MAX_LENGTH, ref.shape[-1])
+  np.testing.assert_allclose(np.asarray(emb), ref.detach().numpy(), atol=1e-4)
+  assert np.abs(np.asarray(emb)[~np.asarray(mask)]).max() > 0  # padding is not zeroed
+  assert [s.name for s in cascade.stages] == ["IF-I-tiny", "IF-II-tiny"]
+  assert cascade.stages[1].lowres_size == 16 and cascade.stages[1].learned_variance
+
+
+def test_cascade_equals_if_pipelines(if_dirs, cascade, monkeypatch):
+  """Stage I then stage II with CFG, negative prompts = "", stage II's noise augmentation at
+  IF's noise level 250, DDIM (deterministic) on both sides: the same images."""
+  one, two = if_dirs
+  n = len(PROMPTS)
+  rng = np.random.default_rng(0)
+  x1 = rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
+  x2 = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
+  aug = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
+  ddim = dict(sampler="ddim", thresholding="none")
+  images, _ = cascade.generate(
+    PROMPTS,
+    progress=False,
+    settings={
+      "IF-I-tiny": dict(ddim, steps=4, guidance=3.0),
+      "IF-II-tiny": dict(ddim, steps=5, guidance=2.0),
+    },
+    inputs={"IF-I-tiny": StageInputs(latent=x1), "IF-II-tiny": StageInputs(latent=x2, aug_eps=aug)},
+  )
+  emb = torch.from_numpy(np.array(cascade.text.encode_prompts(PROMPTS)[0]))
+  neg = torch.from_numpy(np.array(cascade.text.encode_prompts([""] * n)[0]))
+  sched = dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing", clip_sample=False)
+
+  def ddim_scheduler():  # IF's pipelines read variance_type; "fixed_small" drops the variance
+    scheduler = diffusers.DDIMScheduler(**sched)
+    scheduler.register_to_config(variance_type="fixed_small")
+    return scheduler
+
+  common = dict(tokenizer=None, text_encoder=None, safety_checker=None, feature_extractor=None,
+                watermarker=None, requires_safety_checker=False)  # fmt: skip
+  pipe1 = diffusers.IFPipeline(
+    unet=diffusers.UNet2DConditionModel.from_pretrained(one / "unet"),
+    scheduler=ddim_scheduler(),
+    **common,
+  )
+  _queue(monkeypatch, pipeline_if, [x1])
+  ref1 = pipe1(
+    prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=4, guidance_scale=3.0,
+    output_type="pt", height=16, width=16,
+  ).images  # fmt: skip
+  _assert_close(images["IF-I-tiny"], ref1, 1e-4)
+  pipe2 = diffusers.IFSuperResolutionPipeline(
+    unet=diffusers.UNet2DConditionModel.from_pretrained(two / "unet"),
+    scheduler=ddim_scheduler(),
+    image_noising_scheduler=diffusers.DDPMScheduler(**IF_SCHEDULER),
+    **common,
+  )
+  _queue(monkeypatch, pipeline_if_superresolution, [x2, aug])  # intermediate, then augmentation
+  ref2 = pipe2(
+    image=_nchw(images["IF-I-tiny"]), prompt_embeds=emb, negative_prompt_embeds=neg,
+    num_inference_steps=5, guidance_scale=2.0, noise_level=250, output_type="pt",
+    height=32, width=32,
+  ).images  # fmt: skip
+  _assert_close(images["IF-II-tiny"], ref2, 1e-4)
+
+
+def test_sample_cli_with_if_defaults(if_dirs, tmp_path):
+  """``sample.py --if_dirs``'s library path with IF's own defaults (DDPM with the learned
+  variance, thresholding at 95% capped at 1.5, noise level 250), few steps: PNGs of both
+  stages, finite, and the settings in metadata.json."""
+  few = {"IF-I-tiny": dict(steps=4), "IF-II-tiny": dict(steps=2)}
+  paths = sample_cli.run(
+    workdir=None,
+    if_dirs=[str(d) for d in if_dirs],
+    prompts=PROMPTS[:1],
+    outdir=str(tmp_path / "out"),
+    settings=few,
+    negative_prompt="blurry",
+  )
+  meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+  one, two = (meta["stages"][n]["settings"] for n in ("IF-I-tiny", "IF-II-tiny"))
+  assert (one["sampler"], one["percentile"], one["threshold_max"], one["guidance"]) == (
+    "ancestral", 95.0, 1.5, 7.0,
+  )  # fmt: skip
+  assert (two["steps"], two["guidance"], two["aug_level"]) == (2, 4.0, 0.251)
+  assert meta["negative_prompt"] == "blurry"
+  sizes = {f["stage"]: Image.open(tmp_path / "out" / f["file"]).size for f in paths["images"]}
+  assert sizes == {"IF-I-tiny": (16, 16), "IF-II-tiny": (32, 32)}
