@@ -112,6 +112,9 @@ def run_config(**overrides: Any) -> ml_collections.ConfigDict:
       max_length=128,
       dtype="float32",
       embedding_cache="",  # directory written by `python -m imagen_jax.tools.encode_texts`
+      # Zero the T5 states of padding (this project's U-Nets); False keeps them (DeepFloyd IF,
+      # whose text dropout and unconditional branch are then the empty prompt's states).
+      zero_padding=True,
     )
   )
   c.data = ml_collections.ConfigDict(

@@ -193,7 +193,18 @@ class AddedKVAttention(nnx.Module):
     self.add_v_proj = dense(ctx, channels, ("conv_in", "heads"), **kw)
     self.to_out = dense(channels, channels, ("heads", "conv_out"), **kw)
 
-  def __call__(self, x: jax.Array, ctx: jax.Array, bias: jax.Array | None) -> jax.Array:
+  site: str = ""  # the controller's name for this layer (set by IFUNet)
+
+  def __call__(
+    self, x: jax.Array, ctx: jax.Array, bias: jax.Array | None, controller: Any = None
+  ) -> jax.Array:
+    """x: [B, H, W, C]; ctx: [B, L, Dc]; bias: [B, L] additive text-key bias or None.
+
+    ``controller`` (prompt-to-prompt, attention maps; see
+    :mod:`imagen_jax.models.attention_control`) reads or replaces the probabilities: the text
+    columns ``[B, N, HW, L]`` ("cross") and the image columns ``[B, N, HW, HW]`` ("self"; None
+    with ``cross_only``); each row of the two together sums to 1.
+    """
     b, hgt, wid, c = x.shape
     n, d = self.heads, self.head_dim
     if self.norm_cross is not None:
@@ -210,6 +221,14 @@ class AddedKVAttention(nnx.Module):
       pad = logits.shape[-1] - bias.shape[-1]
       logits = logits + jnp.pad(bias, ((0, 0), (0, pad)))[:, None, None, :]
     probs = jax.nn.softmax(logits, axis=-1)  # [B, N, HW, S] float32
+    if controller is not None and controller.wants(self.site):
+      n_text = ctx.shape[1]
+      text_probs = probs[..., :n_text]  # [B, N, HW, L]
+      image_probs = None if self.cross_only else probs[..., n_text:]  # [B, N, HW, HW]
+      new_image, new_text = controller.edit(self.site, image_probs, text_probs, hw=(hgt, wid))
+      if new_image is not image_probs or new_text is not text_probs:
+        parts = [new_text] + ([] if self.cross_only else [new_image])
+        probs = jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=-1)
     out = jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v).reshape(b, hgt, wid, c)
     return constrain(x.astype(self.dtype) + self.to_out(out), ACT_BHWC)
 
@@ -236,15 +255,19 @@ class _Block(nnx.Module):
   def _apply(self, module: nnx.Module, *args: Any) -> jax.Array:
     return nnx.remat(_run)(module, *args) if self.remat else module(*args)
 
-  def layer(self, i: int, h: jax.Array, temb: jax.Array, ctx: jax.Array, bias) -> jax.Array:
+  def layer(self, i: int, h, temb, ctx, bias, controller=None) -> jax.Array:
     h = self._apply(self.resnets[i], h, temb)
-    return self._apply(self.attentions[i], h, ctx, bias) if len(self.attentions) else h
+    if not len(self.attentions):
+      return h
+    if controller is not None:  # a controller is a trace-time Python object: no remat
+      return self.attentions[i](h, ctx, bias, controller)
+    return self._apply(self.attentions[i], h, ctx, bias)
 
 
 class DownBlock(_Block):
-  def __call__(self, h, temb, ctx, bias, skips: list) -> jax.Array:
+  def __call__(self, h, temb, ctx, bias, skips: list, controller=None) -> jax.Array:
     for i in range(len(self.resnets)):
-      h = self.layer(i, h, temb, ctx, bias)
+      h = self.layer(i, h, temb, ctx, bias, controller)
       skips.append(h)
     if getattr(self, "downsamplers", None) is not None:
       h = self._apply(self.downsamplers[0], h, temb)
@@ -253,10 +276,10 @@ class DownBlock(_Block):
 
 
 class UpBlock(_Block):
-  def __call__(self, h, temb, ctx, bias, skips: list) -> jax.Array:
+  def __call__(self, h, temb, ctx, bias, skips: list, controller=None) -> jax.Array:
     for i in range(len(self.resnets)):
       h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)  # [B, H, W, C + Cskip]
-      h = self.layer(i, h, temb, ctx, bias)
+      h = self.layer(i, h, temb, ctx, bias, controller)
     if getattr(self, "upsamplers", None) is not None:
       h = self._apply(self.upsamplers[0], h, temb)
     return h
@@ -270,10 +293,13 @@ class MidBlock(_Block):
     super().__init__(*args, **kwargs)
     self.attentions = nnx.List(list(self.attentions)[:1])
 
-  def __call__(self, h, temb, ctx, bias) -> jax.Array:
+  def __call__(self, h, temb, ctx, bias, controller=None) -> jax.Array:
     h = self._apply(self.resnets[0], h, temb)
     for i in range(len(self.attentions)):
-      h = self._apply(self.attentions[i], h, ctx, bias)
+      if controller is not None:
+        h = self.attentions[i](h, ctx, bias, controller)
+      else:
+        h = self._apply(self.attentions[i], h, ctx, bias)
       h = self._apply(self.resnets[i + 1], h, temb)
     return h
 
@@ -331,6 +357,13 @@ class IFUNet(nnx.Module):
       up.append(UpBlock(cfg, ins, rev[i], attn, rev_cross[i], heads[i], resample, kw))
       prev = rev[i]
     self.up_blocks = nnx.List(up)
+    # Controller site names: "down.{block}.{layer}.attn", "mid.{layer}.attn", "up.{block}...".
+    for kind, blocks in (("down", self.down_blocks), ("up", self.up_blocks)):
+      for b, block in enumerate(blocks):
+        for j, attn in enumerate(block.attentions):
+          attn.site = f"{kind}.{b}.{j}.attn"
+    for j, attn in enumerate(self.mid_block.attentions):
+      attn.site = f"mid.{j}.attn"
     self.conv_norm_out = _group_norm(
       ch[0], cfg.norm_num_groups, cfg.norm_eps, rngs, cfg.param_dtype
     )
@@ -343,7 +376,8 @@ class IFUNet(nnx.Module):
     encoder_hidden_states: jax.Array,
     encoder_attention_mask: jax.Array | None = None,
     class_labels: jax.Array | None = None,
-  ) -> jax.Array:
+    controller: Any = None,
+  ) -> jax.Array | tuple[jax.Array, Any]:
     """Predicts the model output (IF: ε and the variance interpolation, ``out_channels`` = 6).
 
     Args:
@@ -354,9 +388,12 @@ class IFUNet(nnx.Module):
       encoder_attention_mask: ``[B, L]`` bool, True = attend; None = every token.
       class_labels: ``[B]`` stage II noise-augmentation level (required iff
         ``class_embed_type`` is set).
+      controller: an attention controller (prompt-to-prompt, attention maps; see
+        :mod:`imagen_jax.models.attention_control`) at every attention layer
+        (:meth:`attention_sites`).
 
     Returns:
-      ``[B, H, W, out_channels]`` in ``config.dtype``.
+      ``[B, H, W, out_channels]`` in ``config.dtype``, or ``(out, controller.outputs())``.
     """
     cfg = self.config
     if (class_labels is None) != (self.class_embedding is None):
@@ -387,12 +424,17 @@ class IFUNet(nnx.Module):
     h = self.conv_in(x.astype(cfg.dtype))  # [B, H, W, C0]
     skips = [h]
     for block in self.down_blocks:
-      h = block(h, emb, ctx, bias, skips)
-    h = self.mid_block(h, emb, ctx, bias)
+      h = block(h, emb, ctx, bias, skips, controller)
+    h = self.mid_block(h, emb, ctx, bias, controller)
     for block in self.up_blocks:
-      h = block(h, emb, ctx, bias, skips)
+      h = block(h, emb, ctx, bias, skips, controller)
     h = ACTIVATIONS[cfg.act_fn](self.conv_norm_out(h)).astype(cfg.dtype)
-    return self.conv_out(h)  # [B, H, W, out_channels]
+    out = self.conv_out(h)  # [B, H, W, out_channels]
+    return out if controller is None else (out, controller.outputs())
+
+  def attention_sites(self) -> list[str]:
+    """Names of the attention layers (all of them see the text): the controller ``site`` names."""
+    return [m.site for _, m in nnx.iter_graph(self) if isinstance(m, AddedKVAttention)]
 
 
 def count_params(config: IFUNetConfig) -> int:

@@ -225,7 +225,8 @@ class IFUNetConfig:
   # --- diffusers config.json -----------------------------------------------------------------
   @classmethod
   def from_diffusers(cls, config: Mapping[str, Any], **overrides: Any) -> IFUNetConfig:
-    """Builds a config from a diffusers ``config.json`` dict (``overrides``: dtype, remat ...).
+    """Builds a config from a diffusers ``config.json`` dict; ``overrides`` (any field: dtype,
+    remat, ...) win over the dict's values.
 
     Raises:
       ValueError: a key or value this port does not implement (the message names it).
@@ -242,7 +243,7 @@ class IFUNetConfig:
       if key not in names:
         raise ValueError(f"IFUNetConfig: unknown UNet2DConditionModel config key {key!r}")
       kwargs[key] = value
-    return cls(**kwargs, **overrides)
+    return cls(**{**kwargs, **overrides})
 
   def to_diffusers(self) -> dict[str, Any]:
     """A ``config.json`` dict that ``UNet2DConditionModel(**cfg)`` / ``from_pretrained`` accept."""

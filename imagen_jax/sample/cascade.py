@@ -41,7 +41,7 @@ from imagen_jax.sample.batching import MeshSpec, as_mesh, batch_size, chunk_rng,
 from imagen_jax.sample.deepfloyd import IF_NULL_PROMPT, load_if_stages
 from imagen_jax.sample.runs import Workdirs, check_chain, load_run_configs
 from imagen_jax.sample.stage import SamplerSettings, make_stage_sampler
-from imagen_jax.stage.model import StageModel, stage_schedule
+from imagen_jax.stage.model import create_stage_model, stage_schedule
 from imagen_jax.stage.text_cond import build_text_embedder
 
 
@@ -76,6 +76,7 @@ class CascadeStage:
       image_size=int(stage.image_size),
       lowres_size=stage.lowres_size,
       settings=SamplerSettings.from_config({**dict(stage.sample), **(settings or {})}),
+      learned_variance=model.learned_variance,
       **fields,
     )
 
@@ -215,7 +216,7 @@ class Cascade:
       run_dir, config = owner[name]
       stage = config.stages[name]
       ckdir = os.path.join(run_dir, name, "checkpoints")
-      model = StageModel.create(stage, text_dim=text.d_model, seed=config.seed)
+      model = create_stage_model(stage, text_dim=text.d_model, seed=config.seed)
       shardings = sharding.param_shardings(model.abstract_state, mesh, rules)
       abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -242,7 +243,8 @@ class Cascade:
           workdir=run_dir,
         )
       )
-    return cls(out, text, max_batch=max_batch, mesh=mesh, rules=rules)
+    null = None if text.zero_padding else IF_NULL_PROMPT  # IF's null: the empty prompt
+    return cls(out, text, max_batch=max_batch, mesh=mesh, rules=rules, null_prompt=null)
 
   @classmethod
   def from_diffusers(

@@ -141,18 +141,14 @@ class IFStageModel:
       logsnr: ``[B]`` its log-SNR.
       text_emb: ``[B, L, D]`` T5 hidden states.
       text_mask: ``[B, L]`` (used only with ``use_text_mask``).
-      controller: attention control is not available on IF stages (a clear error).
+      controller: an attention controller (prompt-to-prompt, attention maps).
       lowres: stage II: ``[B, H, W, 3]`` the upscaled, noise-augmented low-res image.
       aug_logsnr: stage II: ``[B]`` its augmentation log-SNR.
 
     Returns:
-      ``[B, H, W, out_channels]``: ε then the learned-range variance.
+      ``[B, H, W, out_channels]``: ε then the learned-range variance; with a controller,
+      ``(out, controller.outputs())``.
     """
-    if controller is not None:
-      raise ValueError(
-        "attention control (prompt-to-prompt) is not available on DeepFloyd IF stages yet; "
-        "edit with a stage trained here, or sample IF stages without --edit"
-      )
     if self.is_super_resolution != (lowres is not None):
       raise ValueError(
         "IF stage II needs lowres and aug_logsnr; stage I takes neither"
@@ -166,4 +162,4 @@ class IFStageModel:
       x = jnp.concatenate([x, lowres.astype(x.dtype)], axis=-1)  # [B, H, W, 6]
       labels = self.timestep(aug_logsnr)  # [B]
     mask = text_mask if self.use_text_mask else None
-    return model(x, tau, text_emb, mask, class_labels=labels)
+    return model(x, tau, text_emb, mask, class_labels=labels, controller=controller)

@@ -9,15 +9,25 @@ created directly on device (and, with shardings, directly sharded).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from imagen_jax import diffusion
+from imagen_jax.diffusion.discrete import BETA_SCHEDULES, DiscreteSchedule
+from imagen_jax.models.if_loading import read_if_unet_config, resolve_if_unet_dir
+from imagen_jax.models.if_unet import IFUNetConfig
 from imagen_jax.models.unet import build_unet
 from imagen_jax.models.unet_config import UNetConfig
+from imagen_jax.stage.if_model import IFStageModel
+
+MODEL_FAMILIES = ("imagen", "if")  # this project's U-Nets; DeepFloyd IF's (diffusers) U-Nets
+_MODEL_KEYS = ("preset", "family")  # stage.model keys that are not architecture overrides
 
 
 def unet_config_for_stage(stage: Any, text_dim: int) -> UNetConfig:
@@ -26,7 +36,7 @@ def unet_config_for_stage(stage: Any, text_dim: int) -> UNetConfig:
   ``text_dim`` always follows the text encoder actually used (the paper presets assume T5-XXL's
   4096), and ``dtype`` follows ``stage.compute_dtype``.
   """
-  overrides = {k: v for k, v in dict(stage.model).items() if k != "preset"}
+  overrides = {k: v for k, v in dict(stage.model).items() if k not in _MODEL_KEYS}
   for k, v in list(overrides.items()):
     if isinstance(v, list):
       overrides[k] = tuple(v)
@@ -51,8 +61,76 @@ def unet_config_for_stage(stage: Any, text_dim: int) -> UNetConfig:
   return cfg
 
 
+def if_unet_config_for_stage(stage: Any, text_dim: int) -> IFUNetConfig:
+  """``IFUNetConfig`` of an IF stage: the ``unet/config.json`` of ``stage.init_from`` when it is a
+  diffusers checkpoint (the released IF configs), else ``stage.model.preset``; plus
+  ``stage.model`` overrides, ``dtype`` from ``stage.compute_dtype``.
+
+  A preset's text width follows the text encoder; a checkpoint's must equal it.
+  """
+  where = f"config.stages.{stage.name}"
+  overrides = {k: v for k, v in dict(stage.model).items() if k not in _MODEL_KEYS}
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+  overrides["dtype"] = jnp.dtype(overrides.get("dtype", stage.compute_dtype))
+  init = str(stage.get("init_from", "") or "")
+  if init and is_diffusers_unet(init):
+    cfg = read_if_unet_config(resolve_if_unet_dir(init), **overrides)
+    if cfg.encoder_hid_dim != int(text_dim):
+      raise ValueError(
+        f"{where}.init_from={init}: the U-Net reads text of width {cfg.encoder_hid_dim}, but the "
+        f"text encoder gives {text_dim}; set config.text.encoder to the T5 it was trained with"
+      )
+  else:
+    overrides.setdefault("encoder_hid_dim", int(text_dim))
+    cfg = IFUNetConfig.from_preset(stage.model.preset, **overrides)
+  if int(cfg.sample_size) != int(stage.image_size):
+    raise ValueError(
+      f"{where}.image_size={stage.image_size} but the IF U-Net is built for {cfg.sample_size}"
+    )
+  sr = cfg.in_channels == cfg.out_channels
+  if sr != (stage.lowres_size is not None):
+    raise ValueError(
+      f"{where}: the IF U-Net is {'stage II (super-resolution)' if sr else 'stage I'}, but "
+      f"lowres_size={stage.lowres_size}; set lowres_size exactly for stage II"
+    )
+  return cfg
+
+
+def is_diffusers_unet(path: str) -> bool:
+  """Whether ``path`` is a local diffusers pipeline (``unet/config.json``) or U-Net directory."""
+  for config in (os.path.join(path, "unet", "config.json"), os.path.join(path, "config.json")):
+    if os.path.isfile(config):
+      with open(config) as f:
+        return json.load(f).get("_class_name") == "UNet2DConditionModel"
+  return False
+
+
+def create_stage_model(stage: Any, *, text_dim: int, seed: int = 0) -> Any:
+  """The stage's model by ``stage.model.family``: :class:`StageModel` (``imagen``, default) or
+  :class:`~imagen_jax.stage.if_model.IFStageModel` (``if``: DeepFloyd IF's U-Net)."""
+  family = stage.model.get("family", "imagen")
+  if family == "imagen":
+    return StageModel.create(stage, text_dim=text_dim, seed=seed)
+  if family == "if":
+    cfg = if_unet_config_for_stage(stage, text_dim)
+    return IFStageModel.create(cfg, schedule=stage_schedule(stage), seed=seed)
+  raise ValueError(
+    f"config.stages.{stage.name}.model.family={family!r}; choose one of {MODEL_FAMILIES}"
+  )
+
+
 def stage_schedule(stage: Any) -> diffusion.Schedule:
-  """The noise schedule named by ``stage.schedule`` (shifted cosine is shifted by image size)."""
+  """The noise schedule named by ``stage.schedule`` (shifted cosine is shifted by image size;
+  ``ddpm_<beta schedule>``, e.g. ``ddpm_squaredcos_cap_v2`` (DeepFloyd IF's), is a discrete
+  1000-step DDPM table)."""
+  if str(stage.schedule).startswith("ddpm_"):
+    beta = str(stage.schedule)[len("ddpm_") :]
+    if beta not in BETA_SCHEDULES:
+      raise ValueError(
+        f"config.stages.{stage.name}.schedule={stage.schedule!r}; the DDPM tables are "
+        f"{['ddpm_' + b for b in BETA_SCHEDULES]}"
+      )
+    return DiscreteSchedule(beta_schedule=beta)
   kwargs = {"image_size": int(stage.image_size)} if stage.schedule == "shifted_cosine" else {}
   return diffusion.get_schedule(stage.schedule, **kwargs)
 
@@ -92,6 +170,11 @@ class StageModel:
 
   def num_params(self) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params()))
+
+  @property
+  def learned_variance(self) -> bool:
+    """This project's U-Nets predict the mean only."""
+    return False
 
   def prepare_lowres(self, lowres: Any, size: int) -> Any:
     """The previous stage's images as this stage's low-res input: unchanged (the U-Net

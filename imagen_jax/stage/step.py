@@ -28,7 +28,7 @@ import optax
 
 from imagen_jax import diffusion, sharding
 from imagen_jax.stage import optim
-from imagen_jax.stage.model import StageModel, stage_schedule
+from imagen_jax.stage.model import create_stage_model, stage_schedule
 
 NUM_T_BUCKETS = 4  # per-t-bucket loss: t in [0, .25), [.25, .5), [.5, .75), [.75, 1]
 
@@ -74,13 +74,24 @@ def abstract_state(model: Any, tx: optax.GradientTransformation, shardings: dict
   )
 
 
-def drop_text(rng: jax.Array, emb: jax.Array, mask: jax.Array, p: float):
+def drop_text(
+  rng: jax.Array,
+  emb: jax.Array,
+  mask: jax.Array,
+  p: float,
+  null_emb: jax.Array | None = None,
+  null_mask: jax.Array | None = None,
+):
   """Imagen §4.1: zero the text embeddings (and mask) of a fraction ``p`` of examples.
 
   Zeroed embeddings with an all-false mask are the same null condition the sampler uses for the
-  unconditional branch of classifier-free guidance.
+  unconditional branch of classifier-free guidance. ``null_emb`` ``[B, L, D]`` / ``null_mask``
+  replace them by another null condition (DeepFloyd IF's: the empty prompt's T5 states).
   """
   drop = jax.random.bernoulli(rng, p, (emb.shape[0],))  # [B]
+  if null_emb is not None:
+    emb = jnp.where(drop[:, None, None], null_emb.astype(emb.dtype), emb)  # [B, L, D]
+    return emb, jnp.where(drop[:, None], null_mask, mask)  # [B, L]
   emb = jnp.where(drop[:, None, None], 0.0, emb).astype(emb.dtype)  # [B, L, D]
   mask = jnp.logical_and(mask, ~drop[:, None])  # [B, L]
   return emb, mask
@@ -97,7 +108,14 @@ def make_loss_fn(apply_fn: Callable, stage: Any, schedule: Any) -> Callable:
   def loss_fn(params, batch, rng):
     rng_drop, rng_aug, rng_t = jax.random.split(rng, 3)
     x0 = batch["image"]  # [B, H, W, C]
-    emb, mask = drop_text(rng_drop, batch["text_emb"], batch["text_mask"], stage.text_drop_prob)
+    emb, mask = drop_text(
+      rng_drop,
+      batch["text_emb"],
+      batch["text_mask"],
+      stage.text_drop_prob,
+      batch.get("null_emb"),
+      batch.get("null_mask"),
+    )
     kwargs = {}
     if is_sr:
       b = x0.shape[0]
@@ -108,7 +126,9 @@ def make_loss_fn(apply_fn: Callable, stage: Any, schedule: Any) -> Callable:
       )
       kwargs = {"lowres": lowres, "aug_logsnr": aug_logsnr}
     x_t, t, logsnr, eps = diffusion.sample_training_inputs(rng_t, x0, schedule)
-    pred = apply_fn(params, x_t, logsnr, emb, mask, **kwargs)
+    # A learned-variance U-Net (DeepFloyd IF) outputs [prediction, variance]: fine-tuning trains
+    # the prediction (L_simple, as IF's diffusers fine-tuning does); the variance head is kept.
+    pred = apply_fn(params, x_t, logsnr, emb, mask, **kwargs)[..., : x0.shape[-1]]
     per_example = diffusion.diffusion_loss(
       pred.astype(jnp.float32),
       x0,
@@ -243,7 +263,7 @@ class StageProgram:
       split over ``data`` × ``fsdp`` (:func:`imagen_jax.sharding.batch_sharding`).
   """
 
-  model: StageModel
+  model: Any  # StageModel, or IFStageModel for a DeepFloyd IF stage
   schedule: diffusion.Schedule
   tx: optax.GradientTransformation
   lr_schedule: optax.Schedule
@@ -272,7 +292,7 @@ def build_stage_program(
     mesh: the device mesh (:func:`imagen_jax.sharding.make_mesh`).
     rules: logical axis rules (``config.logical_rules``).
   """
-  model = StageModel.create(stage, text_dim=text_dim, seed=seed)
+  model = create_stage_model(stage, text_dim=text_dim, seed=seed)
   schedule = stage_schedule(stage)
   tx, lr_schedule = optim.make_optimizer(stage.optimizer, stage.total_steps)
   shardings = state_shardings(model, tx, mesh, rules)

@@ -51,6 +51,12 @@ class TextEmbedder:
       raise ValueError("TextEmbedder needs a T5Encoder or an EmbeddingCache")
     self.encoder, self.cache = encoder, cache
     self.zero_padding = bool(zero_padding)
+    if cache is not None and not self.zero_padding:
+      raise ValueError(
+        "config.text.embedding_cache stores zero-padded embeddings; config.text.zero_padding="
+        "False (DeepFloyd IF) needs config.text.encoder instead"
+      )
+    self._null = None
     if encoder is not None and cache is not None and encoder.d_model != cache.d_model:
       raise ValueError(
         f"config.text.embedding_cache has d_model {cache.d_model} but config.text.encoder has "
@@ -79,7 +85,22 @@ class TextEmbedder:
     ids, mask = batch.pop("input_ids"), batch.pop("attention_mask").astype(bool)
     batch["text_emb"] = self.encoder.encode(ids, mask, zero_padding=self.zero_padding)
     batch["text_mask"] = mask
+    if not self.zero_padding:  # text dropout's null condition: the empty prompt (IF)
+      batch["null_emb"], batch["null_mask"] = self.null_condition(ids.shape[0])
     return batch
+
+  def null_condition(self, n: int) -> tuple[Any, Any]:
+    """The unconditional branch's ``(emb [n, L, D], mask [n, L])``: zeros and an all-false mask
+    (this project's U-Nets), or the empty prompt's states without zeroed padding (DeepFloyd IF,
+    ``zero_padding=False``)."""
+    if self.zero_padding:
+      length = self.encoder.max_length if self.encoder is not None else self.cache.max_length
+      return np.zeros((n, length, self.d_model), np.float32), np.zeros((n, length), bool)
+    if self._null is None:
+      emb, mask = self.encode_prompts([""])
+      self._null = (np.asarray(emb), np.asarray(mask))
+    emb, mask = self._null
+    return np.repeat(emb, n, axis=0), np.repeat(mask, n, axis=0)
 
   def encode_prompts(self, prompts: list[str]) -> tuple[jax.Array, jax.Array]:
     """Embeddings for arbitrary prompts (evals, sampling)."""
@@ -111,13 +132,22 @@ def build_text_embedder(
     encoder = T5Encoder.from_pretrained(
       path, dtype=dtype, max_length=t.max_length, progress=False, shardings=shardings
     )
+  elif os.path.isdir(os.path.join(t.encoder, "text_encoder")):  # a DeepFloyd IF pipeline dir
+    encoder = T5Encoder.from_pretrained(
+      t.encoder,
+      dtype=dtype,
+      max_length=t.max_length,
+      shardings=shardings,
+      subfolder="text_encoder",
+      tokenizer_path=os.path.join(t.encoder, "tokenizer"),
+    )
   elif t.encoder:
     encoder = T5Encoder.from_pretrained(
       t.encoder, dtype=dtype, max_length=t.max_length, shardings=shardings
     )
   if t.embedding_cache:
     cache = EmbeddingCache(t.embedding_cache)
-  return TextEmbedder(encoder, cache)
+  return TextEmbedder(encoder, cache, zero_padding=bool(t.get("zero_padding", True)))
 
 
 def _sync(name: str) -> None:

@@ -34,6 +34,7 @@ from jax.experimental import topologies
 
 from imagen_jax import config as config_lib
 from imagen_jax import sharding
+from imagen_jax.models.if_unet import IFUNetConfig
 from imagen_jax.models.unet_config import UNetConfig
 from imagen_jax.stage import step as step_lib
 from imagen_jax.tools import cli
@@ -81,7 +82,12 @@ def check_stage(
   # The text encoder's width when it can be told offline (demo, local checkpoint, known hub
   # name), else the preset's (T5-XXL's 4096 in the paper presets).
   t5 = text_encoder_config(config.text.encoder)
-  text_dim = t5.d_model if t5 else UNetConfig.from_preset(stage.model.preset).text_dim
+  if t5:
+    text_dim = t5.d_model
+  elif stage.model.get("family", "imagen") == "if":  # DeepFloyd IF: T5-XXL's width
+    text_dim = IFUNetConfig.from_preset(stage.model.preset).encoder_hid_dim
+  else:
+    text_dim = UNetConfig.from_preset(stage.model.preset).text_dim
   program = step_lib.build_stage_program(
     stage, text_dim=text_dim, seed=config.seed, mesh=mesh, rules=rules
   )

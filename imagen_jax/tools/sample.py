@@ -205,8 +205,8 @@ def _if_args(op: str | None, edit: PromptToPrompt | None) -> dict:
     raise ValueError("--if_dirs replaces --workdir: pass one of them")
   if op is not None or edit is not None:
     raise ValueError(
-      "--if_dirs samples DeepFloyd IF stages; editing and image operations on them are not "
-      "available yet"
+      "--if_dirs samples DeepFloyd IF stages; edits and image operations on them run through "
+      "the Python API (imagen_jax.edit with Cascade.from_diffusers), not sample.py yet"
     )
   return dict(
     if_dirs=_IF_DIRS.value,

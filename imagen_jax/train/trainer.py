@@ -30,8 +30,11 @@ from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax import config as config_lib
 from imagen_jax import metrics, sharding
 from imagen_jax.evaluators import registry as eval_registry
+from imagen_jax.models.if_loading import load_if_unet
 from imagen_jax.sample.stage import SamplerSettings, make_stage_sampler
 from imagen_jax.stage import step as step_lib
+from imagen_jax.stage.if_model import IFStageModel
+from imagen_jax.stage.model import is_diffusers_unet
 from imagen_jax.stage.text_cond import TextEmbedder, build_text_embedder
 from imagen_jax.train import data as data_lib
 
@@ -144,8 +147,13 @@ def train_stage(
     state = ckpt.restore(program.abstract_state, data_iter=data_iter)
     log.info("Resumed stage %s from step %d", name, int(state["step"]))
   elif stage.init_from or config.init_from:
-    src = _init_from_path(stage.init_from or config.init_from, name)
-    state = program.initial_state(ckpt_lib.restore_params(src, program.abstract_state["params"]))
+    src = stage.init_from or config.init_from
+    if is_diffusers_unet(src):  # a DeepFloyd IF (diffusers) checkpoint: its U-Net's weights
+      params = _init_from_diffusers(src, program, mesh, rules, f"config.stages.{name}")
+    else:
+      src = _init_from_path(src, name)
+      params = ckpt_lib.restore_params(src, program.abstract_state["params"])
+    state = program.initial_state(params)
     log.info("Initialised stage %s from %s", name, src)
   else:
     state = program.initial_state()
@@ -232,6 +240,22 @@ def _check_batch_fits_mesh(stage: Any, mesh: jax.sharding.Mesh) -> None:
     )
 
 
+def _init_from_diffusers(path: str, program: Any, mesh: Any, rules: Any, where: str) -> Any:
+  """The U-Net weights of a diffusers checkpoint, read into the stage's param shardings."""
+  if not isinstance(program.model, IFStageModel):
+    raise ValueError(
+      f"{where}.init_from={path} is a diffusers (DeepFloyd IF) U-Net; set "
+      f"{where}.model.family='if' to fine-tune it (see configs/if_stage1.py)"
+    )
+  cfg = program.model.config
+  loaded = load_if_unet(path, mesh=mesh, rules=rules, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+  want = jax.tree.map(lambda a: (a.shape, a.dtype), program.abstract_state["params"])
+  have = jax.tree.map(lambda a: (a.shape, a.dtype), loaded.params)
+  if want != have:
+    raise ValueError(f"{where}.init_from={path}: its U-Net does not match the stage's model")
+  return loaded.params
+
+
 def _init_from_path(path: str, stage_name: str) -> str:
   """A run workdir maps to its ``<stage>/checkpoints``; anything else is used as given."""
   candidate = os.path.join(path, stage_name, "checkpoints")
@@ -245,7 +269,13 @@ class _StageEvaluator:
     self.stage, self.text, self.model = stage, text, model
     self.mesh, self.rules = mesh, rules
     self.settings = SamplerSettings.from_config(stage.sample)
-    self.sampler = make_stage_sampler(model.apply, schedule, stage.objective, self.settings)
+    self.sampler = make_stage_sampler(
+      model.apply,
+      schedule,
+      stage.objective,
+      self.settings,
+      learned_variance=model.learned_variance,
+    )
     self.evaluators = eval_registry.build_evaluators(config.evals, config.data.source)
     default = list(config.evals.prompts) or data_lib.eval_prompts(config, stage.num_eval_samples)
     self.prompts = eval_registry.eval_prompts(self.evaluators, default)
@@ -256,7 +286,7 @@ class _StageEvaluator:
 
   def run(self, step: int, ema_params: Any, writer: metrics.MetricWriter) -> dict:
     emb, mask = self.text.encode_prompts(self.prompts)
-    null_emb, null_mask = np.zeros(emb.shape, emb.dtype), np.zeros_like(mask)
+    null_emb, null_mask = self.text.null_condition(len(self.prompts))
     shape = (len(self.prompts), self.stage.image_size, self.stage.image_size, 3)
     # Host arrays for the per-call inputs: every process passes the same values (multi-host).
     x_T = np.asarray(jax.random.normal(self.rng, shape))
