@@ -45,6 +45,7 @@ def get_config(arg: str | None = None):
     eval_every=0 if tiny else 500,
     num_eval_samples=4 if tiny else 8,
     final_eval=not tiny,
+    compute_dtype="float32" if tiny else "bfloat16",  # params and optimizer state stay fp32
   )
   stage.model.family = "if"
   stage.init_from = config.get_ref("init_from")

@@ -29,7 +29,7 @@ from imagen_jax.models.hf_loading import (
   TensorSource,
   abstract_params,
   check_float_dtypes,
-  check_tensor,
+  check_plan,
   fill_params,
   read_json,
   resolve_checkpoint_dir,
@@ -106,24 +106,9 @@ def _is_buffer(name: str) -> bool:
 def _plan(source: TensorSource, flat) -> Plan:
   """Validates names, shapes and dtypes against the abstract model before reading any data."""
   plan = {path: hf_tensor_name(path) for path, _ in flat}
-  missing = sorted(key for key, _ in plan.values() if key not in source.files)
-  if missing:
-    raise CheckpointError(
-      f"{source.origin}: {len(missing)} CLIP tensor(s) missing: {missing[:8]}"
-      f"{' ...' if len(missing) > 8 else ''} (is this a full CLIPModel checkpoint?)"
-    )
-  used = {key for key, _ in plan.values()}
-  unexpected = sorted(k for k in source.files if k not in used and not _is_buffer(k))
-  if unexpected:
-    raise CheckpointError(
-      f"{source.where(unexpected[0])}: unexpected tensor(s) {unexpected[:8]}"
-      f"{' ...' if len(unexpected) > 8 else ''}: the checkpoint does not match config.json"
-    )
-  for path, var in flat:
-    key, perm = plan[path]
-    shape = tuple(var.get_value().shape)
-    check_tensor(source, key, shape if perm is None else tuple(shape[i] for i in np.argsort(perm)))
-  return plan
+  return check_plan(
+    source, plan, flat, what="CLIP", hint="is this a full CLIPModel checkpoint?", ignore=_is_buffer
+  )
 
 
 def load_clip(

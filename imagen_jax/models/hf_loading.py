@@ -326,6 +326,39 @@ def check_tensor(source: TensorSource, key: str, expected: tuple[int, ...]) -> N
     )
 
 
+def check_plan(
+  source: TensorSource,
+  plan: Plan,
+  flat: Any,
+  *,
+  what: str,
+  hint: str,
+  ignore: KeepFn = lambda name: False,
+) -> Plan:
+  """Checks a planned load before any data is read: every planned tensor exists (else the
+  missing ones are named, with ``hint``), nothing in the file is left over (except
+  ``ignore``d buffers) and every shape and dtype is right. ``what`` names the model
+  ("CLIP", "U-Net")."""
+  missing = sorted(key for key, _ in plan.values() if key not in source.files)
+  if missing:
+    raise CheckpointError(
+      f"{source.origin}: {len(missing)} {what} tensor(s) missing: {missing[:8]}"
+      f"{' ...' if len(missing) > 8 else ''} ({hint})"
+    )
+  used = {key for key, _ in plan.values()}
+  unexpected = sorted(k for k in source.files if k not in used and not ignore(k))
+  if unexpected:
+    raise CheckpointError(
+      f"{source.where(unexpected[0])}: unexpected tensor(s) {unexpected[:8]}"
+      f"{' ...' if len(unexpected) > 8 else ''}: the checkpoint does not match config.json"
+    )
+  for path, var in flat:
+    key, perm = plan[path]
+    shape = tuple(var.get_value().shape)
+    check_tensor(source, key, shape if perm is None else tuple(shape[i] for i in np.argsort(perm)))
+  return plan
+
+
 # ---------------------------------------------------------------------------------------------
 # Building the module abstractly and filling it.
 

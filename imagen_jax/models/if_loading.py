@@ -31,7 +31,7 @@ from imagen_jax.models.hf_loading import (
   TensorSource,
   abstract_params,
   check_float_dtypes,
-  check_tensor,
+  check_plan,
   fill_params,
   hub_offline,
   read_json,
@@ -203,24 +203,7 @@ def _plan(source: TensorSource, flat) -> Plan:
   for path, var in flat:
     name, _ = hf_tensor_name(path)
     plan[path] = (name, _perm(path, var.get_value().ndim))
-  missing = sorted(key for key, _ in plan.values() if key not in source.files)
-  if missing:
-    raise CheckpointError(
-      f"{source.origin}: {len(missing)} U-Net tensor(s) missing: {missing[:8]}"
-      f"{' ...' if len(missing) > 8 else ''} (does the checkpoint match config.json?)"
-    )
-  used = {key for key, _ in plan.values()}
-  unexpected = sorted(k for k in source.files if k not in used)
-  if unexpected:
-    raise CheckpointError(
-      f"{source.where(unexpected[0])}: unexpected tensor(s) {unexpected[:8]}"
-      f"{' ...' if len(unexpected) > 8 else ''}: the checkpoint does not match config.json"
-    )
-  for path, var in flat:
-    key, perm = plan[path]
-    shape = tuple(var.get_value().shape)
-    check_tensor(source, key, shape if perm is None else tuple(shape[i] for i in np.argsort(perm)))
-  return plan
+  return check_plan(source, plan, flat, what="U-Net", hint="does the checkpoint match config.json?")
 
 
 def load_if_unet(

@@ -15,7 +15,6 @@ a class label. :class:`IFStageModel` maps our interface onto that:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -25,6 +24,7 @@ from flax import nnx
 
 from imagen_jax.diffusion.discrete import DiscreteSchedule
 from imagen_jax.models.if_unet import IFUNet, IFUNetConfig
+from imagen_jax.stage.pure import PureModel
 
 
 def upsample_align_corners(images: Any, size: int) -> np.ndarray:
@@ -48,7 +48,7 @@ def upsample_align_corners(images: Any, size: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class IFStageModel:
+class IFStageModel(PureModel):
   """The static half of an IF U-Net stage (config + graph) with pure ``init_params`` / ``apply``.
 
   Attributes:
@@ -100,17 +100,6 @@ class IFStageModel:
   def init_params(self) -> dict:
     """Random initial params as a pure dict (call inside ``jax.jit``)."""
     return nnx.to_pure_dict(nnx.state(IFUNet(self.config, rngs=nnx.Rngs(self.seed))))
-
-  def abstract_params(self) -> dict:
-    return nnx.to_pure_dict(self.abstract_state)
-
-  def merge(self, params: dict) -> nnx.Module:
-    state = jax.tree.map(lambda x: x, self.abstract_state)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self.graphdef, state)
-
-  def num_params(self) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params()))
 
   def prepare_lowres(self, lowres: Any, size: int) -> np.ndarray:
     """The previous stage's images → this stage's low-res input: upscaled to ``size`` first

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any
 
@@ -25,6 +24,7 @@ from imagen_jax.models.if_unet import IFUNetConfig
 from imagen_jax.models.unet import build_unet
 from imagen_jax.models.unet_config import UNetConfig
 from imagen_jax.stage.if_model import IFStageModel
+from imagen_jax.stage.pure import PureModel
 
 MODEL_FAMILIES = ("imagen", "if")  # this project's U-Nets; DeepFloyd IF's (diffusers) U-Nets
 _MODEL_KEYS = ("preset", "family")  # stage.model keys that are not architecture overrides
@@ -136,7 +136,7 @@ def stage_schedule(stage: Any) -> diffusion.Schedule:
 
 
 @dataclasses.dataclass(frozen=True)
-class StageModel:
+class StageModel(PureModel):
   """The static half of a stage's U-Net (config + graph) with pure ``init_params`` / ``apply``."""
 
   config: UNetConfig
@@ -156,20 +156,9 @@ class StageModel:
     model = build_unet(self.config, rngs=nnx.Rngs(self.seed))
     return nnx.to_pure_dict(nnx.state(model))
 
-  def abstract_params(self) -> dict:
-    return nnx.to_pure_dict(self.abstract_state)
-
-  def merge(self, params: dict) -> nnx.Module:
-    state = jax.tree.map(lambda x: x, self.abstract_state)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self.graphdef, state)
-
   def apply(self, params: dict, x, logsnr, text_emb, text_mask, **kwargs) -> jax.Array:
     """The U-Net forward as a pure function of ``params`` (see ``UNet.__call__``)."""
     return self.merge(params)(x, logsnr, text_emb, text_mask, **kwargs)
-
-  def num_params(self) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params()))
 
   @property
   def learned_variance(self) -> bool:

@@ -76,8 +76,9 @@ def check_stage(
     stage.batch_size = int(batch_size)
   if grad_accum:
     stage.grad_accum = int(grad_accum)
-  if remat:
-    stage.model.remat = remat
+  if remat:  # IF's U-Net takes remat on/off per block
+    is_if = stage.model.get("family", "imagen") == "if"
+    stage.model.remat = (remat != "none") if is_if else remat
   rules = config_lib.logical_rules(config)
   # The text encoder's width when it can be told offline (demo, local checkpoint, known hub
   # name), else the preset's (T5-XXL's 4096 in the paper presets).
