@@ -18,6 +18,7 @@ PACKAGE = ROOT / "imagen_jax"
 # other (so there are no cycles between them).
 LAYERS: dict[str, int] = {
   "sharding": 0,
+  "kernels": 0,
   "metrics": 0,
   "diffusion": 1,
   "models": 1,

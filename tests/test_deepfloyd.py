@@ -7,6 +7,7 @@ sides sample from the same starting noise and augmentation noise with the same T
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -22,10 +23,12 @@ except ImportError:  # pragma: no cover
 import diffusers
 from diffusers.pipelines.deepfloyd_if import pipeline_if, pipeline_if_superresolution
 
-from imagen_jax.edit import image_ops, prompt_to_prompt
+from imagen_jax.edit import PromptToPrompt, image_cli, image_ops, prompt_to_prompt
+from imagen_jax.edit import cli as edit_cli
 from imagen_jax.sample import cli as sample_cli
 from imagen_jax.sample.cascade import Cascade, StageInputs, resize
 from imagen_jax.sample.deepfloyd import IF_MAX_LENGTH
+from imagen_jax.sample.inversion import invert_cascade
 
 PROMPTS = ["a red circle", "a big blue square on the left"]
 
@@ -54,6 +57,10 @@ def _assert_close(ours, ref_nchw, tol):
   err = np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max()
   print(f"max error {err:.2e} of the images' scale")
   assert err <= tol, f"max error {err:.2e} of the images' scale (tolerance {tol})"
+
+
+def _rms(a, b):
+  return float(np.sqrt(np.mean((np.asarray(a) - np.asarray(b)) ** 2)))
 
 
 def _queue(monkeypatch, module, arrays):
@@ -195,3 +202,60 @@ def test_inpainting_img2img_and_upscaling_on_if_stages(cascade):
   assert list(up) == ["IF-II-tiny"] and up["IF-II-tiny"].shape == (1, 32, 32, 3)
   img2img = cascade(PROMPTS[:1], init_image=low, strength=0.5, settings=few, progress=False, seed=2)
   assert np.isfinite(img2img["IF-II-tiny"]).all()
+
+
+def test_inversion_and_variations_on_if_stages(cascade):
+  """Inversion on IF stages: stage II's low-res input is upscaled before it is augmented (as in
+  sampling) and its augmentation noise, drawn at the stage's size, is kept, so DDIM inversion +
+  sampling reconstructs with an error that falls with the steps at both stages. Null-text
+  inversion starts from IF's null condition (the empty prompt's states, not zeros). The U-Nets
+  are read as v-prediction: a random ε-U-Net's x̂0 = (x − σε̂)/α is ill-conditioned at t = 1
+  (α ≈ 5e-5 on IF's table), see test_image_ops."""
+  c = Cascade(
+    [dataclasses.replace(s, pred_type="v") for s in cascade.stages],
+    cascade.text,
+    max_batch=2,
+    null_prompt=cascade.null_prompt,
+  )
+  plain = {s.name: dict(guidance=1.0, thresholding="none") for s in c.stages}
+  images = c(PROMPTS, seed=0, settings=plain, progress=False)["IF-II-tiny"]  # [2, 32, 32, 3]
+  errs = []
+  for steps in (3, 12):
+    st = {k: {**v, "steps": steps} for k, v in plain.items()}
+    inv = invert_cascade(c, images, PROMPTS, seed=0, settings=st)
+    assert inv.stages["IF-II-tiny"].aug_eps.shape == (2, 32, 32, 3)
+    rec = image_ops.reconstruct(c, inv, PROMPTS, settings=st, progress=False)
+    errs.append([_rms(rec[k], resize(images, rec[k].shape[1])) for k in rec])
+  print("reconstruction RMS per stage at 3 and 12 steps:", errs)
+  assert all(a > 1.5 * b for a, b in zip(*errs, strict=True)), errs
+  guided = {"IF-I-tiny": dict(steps=2, guidance=4.0, thresholding="none")}
+  inv = invert_cascade(c, images, PROMPTS, seed=0, settings=guided, null_text=True, inner_steps=1,
+                       stages=["IF-I-tiny"])  # fmt: skip
+  empty = c.text.encode_prompts([""] * 2)
+  np.testing.assert_array_equal(inv.stages["IF-I-tiny"].null_mask, np.asarray(empty[1]))
+  start = np.asarray(empty[0], np.float32)
+  moved = np.abs(inv.stages["IF-I-tiny"].null_emb - start).max()
+  assert 0 < moved < 0.1 * np.abs(start).max(), moved  # one small step from the empty prompt
+
+
+def test_sample_cli_edits_and_image_operations_on_if_stages(if_dirs, tmp_path):
+  """``sample.py --if_dirs`` with an image operation: ``--invert --edit_prompt`` (inversion,
+  then prompt-to-prompt from it) on both IF stages writes the reconstruction and the edit."""
+  source = dict(workdir=None, if_dirs=[str(d) for d in if_dirs],
+                settings={"*": dict(steps=2)}, max_batch=2)  # fmt: skip
+  image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8))
+  image.save(tmp_path / "x.png")
+  paths = image_cli.invert(
+    source, init_image=str(tmp_path / "x.png"), prompt="a red circle", null_text=False,
+    edit_prompts=["a blue circle"], outdir=str(tmp_path / "inv"),
+  )  # fmt: skip
+  meta = json.loads((tmp_path / "inv" / "metadata.json").read_text())
+  assert meta["edit"]["edit_prompts"] == ["a blue circle"] and "invert" in meta
+  assert {(f["stage"], f["index"]) for f in paths["images"]} == {
+    (s, i) for s in ("IF-I-tiny", "IF-II-tiny") for i in (0, 1)
+  }
+  with pytest.raises(ValueError, match="--if_dtype=float16"):  # edits forward the IF flags
+    edit_cli.run(source_prompt="a", edit_prompts=["b"], edit=PromptToPrompt(),
+                 **{**source, "if_dtype": "float16"})  # fmt: skip
+  with pytest.raises(ValueError, match="super-resolution stage"):
+    image_cli.final_size({"workdir": None, "if_dirs": [str(if_dirs[1])]})

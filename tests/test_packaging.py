@@ -19,7 +19,7 @@ from tests.train_utils import ROOT, subprocess_env
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
-BUILTIN = ["base64", "if_stage1", "shapes", "sr1024", "sr256"]
+BUILTIN = ["base64", "if_stage1", "if_stage2", "shapes", "sr1024", "sr256"]
 
 
 def _requirement_names(reqs: list[str]) -> list[str]:
@@ -104,7 +104,7 @@ def test_builtin_configs_resolve_by_name(name):
 def test_builtin_config_names_and_loading():
   assert config_lib.builtin_config_names() == BUILTIN
   assert config_lib.load_config("shapes:ci").stage_order == ("base", "sr")
-  with pytest.raises(ValueError, match="one of \\['base64', 'if_stage1', 'shapes'"):
+  with pytest.raises(ValueError, match="one of \\['base64', 'if_stage1', 'if_stage2'"):
     config_lib.resolve_config("no_such_config")
 
 

@@ -59,8 +59,12 @@ def run(
   max_batch: int = 16,
   compilation_cache: str | None = None,
   mesh: dict[str, int] | None = None,
+  **if_args: Any,
 ) -> dict[str, Any]:
   """Edits ``source_prompt`` into each of ``edit_prompts`` and writes the files (see module doc).
+
+  ``if_args`` (``if_dirs``, ``if_t5``, ``if_variant``, ``if_dtype``) edit on DeepFloyd IF stages
+  instead of ``workdir`` (see :func:`imagen_jax.sample.cli.prepare`).
 
   Returns:
     The written paths (as :func:`imagen_jax.sample.cli.run`), plus ``"attention"``: the map PNGs.
@@ -75,6 +79,7 @@ def run(
     max_batch=max(max_batch, 1 + len(edit_prompts)),
     compilation_cache=compilation_cache,
     mesh=mesh,
+    **if_args,
   )
   return edit_prepared(
     prep,

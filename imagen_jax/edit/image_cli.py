@@ -22,7 +22,8 @@ stage; ``grid.png`` is then its frames in one row); the inversion's PSNR per sta
 
 Every input is checked and read before the cascade is loaded. ``source`` is either
 :func:`imagen_jax.sample.cli.prepare`'s keyword arguments (``workdir``, ``settings``,
-``stages``, ``max_batch``, ``compilation_cache``, ``mesh``) or a loaded
+``stages``, ``max_batch``, ``compilation_cache``, ``mesh``, or ``if_dirs`` and the other
+``if_*`` arguments for DeepFloyd IF stages) or a loaded
 :class:`~imagen_jax.sample.cli.Prepared` (what tests and notebooks reuse).
 """
 
@@ -42,7 +43,6 @@ from imagen_jax.edit.attention_edit import PromptToPrompt
 from imagen_jax.edit.cli import edit_prepared
 from imagen_jax.sample import cli as sample_cli
 from imagen_jax.sample.inversion import resize
-from imagen_jax.sample.runs import load_run_configs
 
 Source = sample_cli.Prepared | Mapping[str, Any]
 
@@ -235,21 +235,17 @@ def psnr(reference: np.ndarray, images: np.ndarray) -> float | None:
 
 
 def final_size(source: Source) -> int:
-  """The last stage's resolution (from the runs' configs: nothing is loaded).
+  """The last stage's resolution (from the runs' or IF stages' configs: nothing is loaded).
 
   Raises:
     ValueError: ``--stages`` names unknown stages or starts at a super-resolution stage.
   """
   if isinstance(source, sample_cli.Prepared):
     return int(source.cascade.stages[-1].image_size)
-  runs = load_run_configs(source["workdir"])
-  configs = {n: c.stages[n] for _, c in runs for n in c.stage_order}
-  names = list(source.get("stages") or configs)
-  unknown = [n for n in names if n not in configs]
-  if unknown:
-    raise ValueError(
-      f"--stages={','.join(names)}: unknown stage(s) {unknown}; the runs have {list(configs)}"
-    )
+  names, configs = sample_cli.plan_stages(
+    source.get("workdir"), source.get("stages"), source.get("if_dirs"),
+    source.get("if_dtype", "float32"),
+  )  # fmt: skip
   if configs[names[0]].lowres_size is not None:
     raise ValueError(
       f"--stages={','.join(names)} starts at the super-resolution stage {names[0]!r}: editing "

@@ -17,6 +17,8 @@ Masks follow diffusers exactly: ``encoder_attention_mask`` becomes an additive `
 the text keys only (the image tokens' own keys are never masked), and the attention pooling of the
 addition embedding ignores it (diffusers and the original IF pool over every token, padding
 included). Group/layer norm statistics and softmax run in float32 whatever ``config.dtype``.
+Attention and GroupNorm kernels are chosen per backend like the Imagen U-Nets'
+(``config.attention_impl`` / ``norm_impl``, :mod:`imagen_jax.kernels`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from imagen_jax.models.if_unet_config import ACTIVATIONS, PRESETS, IFUNetConfig
 from imagen_jax.models.layers import (
   ACT_BHWC,
   GroupNorm,
+  _attend,
+  _attention_probs,
+  attention,
   conv,
   dense,
   downsample,
@@ -63,12 +68,14 @@ def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, shift: flo
   return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
-def _group_norm(channels: int, groups: int, eps: float, rngs: nnx.Rngs, param_dtype) -> GroupNorm:
+def _group_norm(
+  channels: int, groups: int, eps: float, rngs: nnx.Rngs, param_dtype, impl: str
+) -> GroupNorm:
   """The project's float32 GroupNorm with diffusers' epsilon (``layers.group_norm`` fixes 1e-5)."""
   return GroupNorm(
     channels, num_groups=groups, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
     scale_init=logical_init(nnx.initializers.ones_init(), ("norm",)),
-    bias_init=logical_init(nnx.initializers.zeros_init(), ("norm",)), rngs=rngs,
+    bias_init=logical_init(nnx.initializers.zeros_init(), ("norm",)), rngs=rngs, impl=impl,
   )  # fmt: skip
 
 
@@ -141,10 +148,10 @@ class ResnetBlock2D(nnx.Module):
     self.scale_shift = cfg.resnet_time_scale_shift == "scale_shift"
     self.skip_time_act, self.scale, self.resample = cfg.resnet_skip_time_act, scale, resample
     self.dtype = kw["dtype"]
-    self.norm1 = _group_norm(cin, g, eps, rngs, pd)
+    self.norm1 = _group_norm(cin, g, eps, rngs, pd, cfg.norm_impl)
     self.conv1 = conv(cin, cout, **kw)
     self.time_emb_proj = dense(cfg.time_embed_dim, cout * (2 if self.scale_shift else 1), **kw)
-    self.norm2 = _group_norm(cout, g, eps, rngs, pd)
+    self.norm2 = _group_norm(cout, g, eps, rngs, pd, cfg.norm_impl)
     self.conv2 = conv(cout, cout, **kw)
     self.conv_shortcut = conv(cin, cout, 1, **kw) if cin != cout else None
 
@@ -179,9 +186,10 @@ class AddedKVAttention(nnx.Module):
       cross_only,
       kw["dtype"],
     )
-    self.group_norm = _group_norm(channels, cfg.norm_num_groups, _ATTN_NORM_EPS, rngs, pd)
+    ni, self.impl = cfg.norm_impl, cfg.attention_impl
+    self.group_norm = _group_norm(channels, cfg.norm_num_groups, _ATTN_NORM_EPS, rngs, pd, ni)
     if cfg.cross_attention_norm == "group_norm":
-      self.norm_cross = _group_norm(ctx, _CROSS_NORM_GROUPS, 1e-5, rngs, pd)
+      self.norm_cross = _group_norm(ctx, _CROSS_NORM_GROUPS, 1e-5, rngs, pd, ni)
     elif cfg.cross_attention_norm == "layer_norm":
       self.norm_cross = layer_norm(ctx, rngs=rngs, param_dtype=pd)
     else:
@@ -216,21 +224,25 @@ class AddedKVAttention(nnx.Module):
     if not self.cross_only:  # text first, then the image tokens (diffusers' order)
       k = jnp.concatenate([k, self.to_k(h).reshape(b, hgt * wid, n, d)], axis=1)
       v = jnp.concatenate([v, self.to_v(h).reshape(b, hgt * wid, n, d)], axis=1)
-    logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) * d**-0.5
     if bias is not None:  # text keys only; the image keys are never masked
-      pad = logits.shape[-1] - bias.shape[-1]
-      logits = logits + jnp.pad(bias, ((0, 0), (0, pad)))[:, None, None, :]
-    probs = jax.nn.softmax(logits, axis=-1)  # [B, N, HW, S] float32
+      bias = jnp.pad(bias, ((0, 0), (0, k.shape[1] - bias.shape[-1])))[:, None, None, :]
+    out = attention(q, k, v, bias=bias, impl=self.impl)  # [B, HW, N, D]
     if controller is not None and controller.wants(self.site):
-      n_text = ctx.shape[1]
-      text_probs = probs[..., :n_text]  # [B, N, HW, L]
-      image_probs = None if self.cross_only else probs[..., n_text:]  # [B, N, HW, HW]
-      new_image, new_text = controller.edit(self.site, image_probs, text_probs, hw=(hgt, wid))
-      if new_image is not image_probs or new_text is not text_probs:
-        parts = [new_text] + ([] if self.cross_only else [new_image])
-        probs = jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=-1)
-    out = jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v).reshape(b, hgt, wid, c)
+      out = self._controlled(q, k, v, bias, out, ctx.shape[1], (hgt, wid), controller)
+    out = out.reshape(b, hgt, wid, c)
     return constrain(x.astype(self.dtype) + self.to_out(out), ACT_BHWC)
+
+  def _controlled(self, q, k, v, bias, fused, n_text, hw, controller) -> jax.Array:
+    """Explicit probabilities ``[B, N, HW, S]`` handed to ``controller.edit``; a controller that
+    only reads keeps the fused output (bit-identical to no controller)."""
+    probs = _attention_probs(q, k, None, bias)  # float32
+    text_probs = probs[..., :n_text]  # [B, N, HW, L]
+    image_probs = None if self.cross_only else probs[..., n_text:]  # [B, N, HW, HW]
+    new_image, new_text = controller.edit(self.site, image_probs, text_probs, hw=hw)
+    if new_image is image_probs and new_text is text_probs:
+      return fused
+    parts = [new_text] + ([] if self.cross_only else [new_image])
+    return _attend(jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=-1), v)
 
 
 def _run(module: nnx.Module, *args: Any) -> jax.Array:
@@ -365,7 +377,7 @@ class IFUNet(nnx.Module):
     for j, attn in enumerate(self.mid_block.attentions):
       attn.site = f"mid.{j}.attn"
     self.conv_norm_out = _group_norm(
-      ch[0], cfg.norm_num_groups, cfg.norm_eps, rngs, cfg.param_dtype
+      ch[0], cfg.norm_num_groups, cfg.norm_eps, rngs, cfg.param_dtype, cfg.norm_impl
     )
     self.conv_out = conv(ch[0], cfg.out_channels, cfg.conv_out_kernel, **kw)
 

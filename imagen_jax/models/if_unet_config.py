@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from imagen_jax import kernels
+
 # diffusers' get_activation names -> functions ("gelu" is torch's exact erf form).
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
   "silu": jax.nn.silu,
@@ -26,6 +28,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 DOWN_BLOCKS = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
 UP_BLOCKS = ("ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D")
 MID_BLOCKS = ("UNetMidBlock2DSimpleCrossAttn",)
+# Our fields (compute, kernel choices), not diffusers': never read from or written to config.json.
+_OURS = ("dtype", "param_dtype", "remat", "attention_impl", "norm_impl")
 _BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 # diffusers keys whose only supported value is the one given (anything else changes the network).
 _FIXED: dict[str, Any] = {
@@ -55,11 +59,14 @@ def _unsupported(name: str, value: Any, supported: Any) -> ValueError:
 class IFUNetConfig:
   """diffusers ``UNet2DConditionModel`` config (field names as in ``config.json``) for IF U-Nets.
 
-  Besides diffusers' names: ``dtype`` (compute), ``param_dtype`` (storage) and ``remat``
-  (``jax.checkpoint`` per resnet/attention block). Fields that cannot change the IF blocks'
-  math (``dropout`` at inference, ``downsample_padding``, ``upcast_attention``,
-  ``use_linear_projection``, ``transformer_layers_per_block``, ``sample_size``) are kept for
-  the round trip only: diffusers' SimpleCrossAttn blocks never receive them.
+  Besides diffusers' names: ``dtype`` (compute), ``param_dtype`` (storage), ``remat``
+  (``jax.checkpoint`` per resnet/attention block), and the kernel choices ``attention_impl``
+  (``"auto"``, ``"xla"``, ``"jax_xla"``, ``"cudnn"``) and ``norm_impl`` (``"auto"``, ``"ours"``,
+  ``"flax"``), as ``UNetConfig``'s (:mod:`imagen_jax.kernels`); none of these is written to
+  ``config.json``. Fields that cannot change the IF blocks' math (``dropout`` at inference,
+  ``downsample_padding``, ``upcast_attention``, ``use_linear_projection``,
+  ``transformer_layers_per_block``, ``sample_size``) are kept for the round trip only: diffusers'
+  SimpleCrossAttn blocks never receive them.
 
   Presets (:meth:`from_preset`); parameter counts, ours == diffusers' (meta device, tested):
 
@@ -136,6 +143,8 @@ class IFUNetConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  attention_impl: str = "auto"
+  norm_impl: str = "auto"
 
   def __post_init__(self):
     for key in ("down_block_types", "up_block_types", "block_out_channels"):
@@ -185,6 +194,8 @@ class IFUNetConfig:
     bad = [c for c in ch if c % self.norm_num_groups]
     if bad:
       raise _unsupported("norm_num_groups", self.norm_num_groups, f"divisors of {bad}")
+    kernels.check_choice("attention", self.attention_impl, "IFUNetConfig: attention_impl")
+    kernels.check_choice("norm", self.norm_impl, "IFUNetConfig: norm_impl")
 
   # --- derived values ------------------------------------------------------------------------
   @property
@@ -231,7 +242,7 @@ class IFUNetConfig:
     Raises:
       ValueError: a key or value this port does not implement (the message names it).
     """
-    names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat"}
+    names = {f.name for f in dataclasses.fields(cls)} - set(_OURS)
     kwargs = {}
     for key, value in config.items():
       if key in _BOOKKEEPING:
@@ -249,7 +260,7 @@ class IFUNetConfig:
     """A ``config.json`` dict that ``UNet2DConditionModel(**cfg)`` / ``from_pretrained`` accept."""
     out = {"_class_name": "UNet2DConditionModel"}
     for f in dataclasses.fields(self):
-      if f.name not in ("dtype", "param_dtype", "remat"):
+      if f.name not in _OURS:
         v = getattr(self, f.name)
         out[f.name] = list(v) if isinstance(v, tuple) else v
     return out

@@ -10,11 +10,13 @@ store weights in ``param_dtype``, normalisations and softmax in float32.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imagen_jax import kernels
 from imagen_jax.models.attention_control import AttentionController
 from imagen_jax.sharding import constrain, logical_init
 
@@ -84,6 +86,9 @@ def conv(
 class GroupNorm(nnx.GroupNorm):
   """``nnx.GroupNorm`` (same parameters and names) computed in float32, per channel first.
 
+  ``impl`` picks the computation (:mod:`imagen_jax.kernels`, kind ``"norm"``): ``"ours"`` (below),
+  ``"flax"`` (``nnx.GroupNorm``'s own) or ``"auto"`` (ours on CPU, flax's on GPU/TPU).
+
   The mean and mean square are reduced over the spatial axes per channel (contiguous in NHWC),
   then pooled into groups; the group statistics are expanded back to channels by one product with
   a one-hot ``[G, C]`` matrix. The product keeps the statistics out of the normalisation's
@@ -93,8 +98,14 @@ class GroupNorm(nnx.GroupNorm):
   ``use_fast_variance``.
   """
 
+  def __init__(self, *args: Any, impl: str = kernels.AUTO, **kwargs: Any):
+    kernels.check_choice("norm", impl, "GroupNorm impl")
+    super().__init__(*args, **kwargs)
+    self.impl = impl
+
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    if mask is not None:  # masked statistics (unused by the U-Nets): Flax's own computation
+    # Masked statistics (unused by the U-Nets) always take Flax's own computation.
+    if mask is not None or kernels.resolve("norm", self.impl) == "flax":
       return super().__call__(x, mask=mask)
     x = x.astype(jnp.float32)  # [B, ..., C]
     b, c, g = x.shape[0], x.shape[-1], self.num_groups
@@ -116,8 +127,15 @@ class GroupNorm(nnx.GroupNorm):
     return (x - center.reshape(per_channel)) * gain.reshape(per_channel) + bias
 
 
-def group_norm(channels: int, groups: int, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
-  """GroupNorm computed in float32 (bf16 statistics are too coarse)."""
+def group_norm(
+  channels: int,
+  groups: int,
+  *,
+  rngs: nnx.Rngs,
+  param_dtype: jnp.dtype,
+  impl: str = kernels.AUTO,
+) -> GroupNorm:
+  """GroupNorm in float32 (bf16 statistics are too coarse); ``impl`` as :class:`GroupNorm`."""
   return GroupNorm(
     channels,
     num_groups=groups,
@@ -127,6 +145,7 @@ def group_norm(channels: int, groups: int, *, rngs: nnx.Rngs, param_dtype: jnp.d
     scale_init=logical_init(_ones, ("norm",)),
     bias_init=logical_init(_zeros, ("norm",)),
     rngs=rngs,
+    impl=impl,
   )
 
 
@@ -247,7 +266,8 @@ class ResBlock(nnx.Module):
   GN -> SiLU -> [resample] -> conv3×3 -> GN·(1+scale)+shift -> SiLU -> conv3×3 (zero init), plus a
   skip path (resampled, 1×1 conv when widths differ). ``resample`` ("up"/"down") makes it the BigGAN
   up/down block (``res_block_type "biggan"``). The sum is multiplied by ``skip_scale`` (1/√2 in the
-  Efficient U-Net, App. B.1, as IF's ``resnet_out_scale_factor``).
+  Efficient U-Net, App. B.1, as IF's ``resnet_out_scale_factor``). ``norm_impl``: the GroupNorms'
+  computation (:class:`GroupNorm`).
   """
 
   def __init__(
@@ -259,6 +279,7 @@ class ResBlock(nnx.Module):
     num_groups: int,
     resample: str | None = None,
     skip_scale: float = 1.0,
+    norm_impl: str = kernels.AUTO,
     rngs: nnx.Rngs,
     dtype: jnp.dtype,
     param_dtype: jnp.dtype,
@@ -267,10 +288,11 @@ class ResBlock(nnx.Module):
     self.resample = resample
     self.skip_scale = skip_scale
     self.dtype = dtype
-    self.norm1 = group_norm(in_channels, num_groups, rngs=rngs, param_dtype=param_dtype)
+    norm = dict(rngs=rngs, param_dtype=param_dtype, impl=norm_impl)
+    self.norm1 = group_norm(in_channels, num_groups, **norm)
     self.conv1 = conv(in_channels, out_channels, **kw)
     self.emb_proj = dense(emb_dim, 2 * out_channels, **kw)
-    self.norm2 = group_norm(out_channels, num_groups, rngs=rngs, param_dtype=param_dtype)
+    self.norm2 = group_norm(out_channels, num_groups, **norm)
     self.conv2 = conv(out_channels, out_channels, zero=True, **kw)
     self.skip = conv(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None
 
@@ -297,11 +319,18 @@ class ResBlock(nnx.Module):
 # Attention.
 
 
-def _attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """Softmax probabilities in float32, heads-major. [B, T, N, D] x [B, S, N, D] -> [B, N, T, S]."""
+def _attention_probs(
+  q: jax.Array, k: jax.Array, mask: jax.Array | None, bias: jax.Array | None = None
+) -> jax.Array:
+  """Softmax probabilities in float32, heads-major. [B, T, N, D] x [B, S, N, D] -> [B, N, T, S].
+
+  ``mask`` (bool) and ``bias`` (additive, on the scaled logits) broadcast to [B, N, T, S].
+  """
   qh, kh = jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2)  # [B, N, T|S, D]
   logits = jnp.einsum("bntd,bnsd->bnts", qh, kh, preferred_element_type=jnp.float32)
   logits = logits * jnp.float32(q.shape[-1] ** -0.5)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(logits, axis=-1)
@@ -313,7 +342,13 @@ def _attend(probs: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.swapaxes(jnp.einsum("bnts,bnsd->bntd", probs.astype(v.dtype), vh), 1, 2)
 
 
-def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+def _xla_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: jax.Array | None,
+  bias: jax.Array | None = None,
+) -> jax.Array:
   """Softmax attention as two heads-major einsums. [B, T, N, D] x [B, S, N, D] -> [B, T, N, D].
 
   The same math as ``jax.nn.dot_product_attention(implementation="xla")`` (fp32 logits and
@@ -323,7 +358,70 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | N
   which made attention ~40% of a small U-Net's train step. The controlled (explicit) path uses
   the same two functions, so unchanged probabilities give bit-identical outputs.
   """
-  return _attend(_attention_probs(q, k, mask), v)
+  return _attend(_attention_probs(q, k, mask, bias), v)
+
+
+def _cudnn_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, bias: jax.Array | None
+) -> jax.Array:
+  """``jax.nn.dot_product_attention(implementation="cudnn")``. Mask and bias are broadcast to
+  [B, 1, T, S] and the bias cast to the inputs' dtype, as jax's cuDNN path requires."""
+  b, t, _, _ = q.shape
+  s = k.shape[1]
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (b, 1, t, s))
+  if bias is not None:
+    bias = jnp.broadcast_to(bias, (b, 1, t, s)).astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation="cudnn")
+
+
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: jax.Array | None = None,
+  *,
+  bias: jax.Array | None = None,
+  impl: str | None = kernels.AUTO,
+) -> jax.Array:
+  """Softmax attention with the implementation ``impl`` picks. [B, T, N, D] x [B, S, N, D].
+
+  Args:
+    q: queries ``[B, T, N, D]``.
+    k: keys ``[B, S, N, D]``.
+    v: values ``[B, S, N, D]``.
+    mask: bool, True = attend, broadcastable to ``[B, N, T, S]`` (4-D).
+    bias: additive logit bias broadcastable to ``[B, N, T, S]`` (4-D).
+    impl: ``"auto"``, ``"xla"``, ``"jax_xla"`` or ``"cudnn"`` (:mod:`imagen_jax.kernels`; None is
+      the older spelling of ``"xla"``). ``"auto"`` takes cuDNN on a GPU when
+      :func:`~imagen_jax.kernels.cudnn_attention_unsupported` allows (or jax refuses while
+      tracing), else ``"xla"``; ``"cudnn"`` raises ``ValueError`` where cuDNN cannot run.
+
+  Returns:
+    ``[B, T, N, D]`` in the value dtype.
+  """
+  impl = "xla" if impl is None else impl
+  choice = kernels.resolve("attention", impl, field="attention_impl")
+  if choice == "cudnn":
+    masked = mask is not None or bias is not None
+    why = kernels.cudnn_attention_unsupported(q.dtype, q.shape[-1], q.shape[1], k.shape[1], masked)
+    if why is None:
+      try:
+        return _cudnn_attention(q, k, v, mask, bias)
+      except (NotImplementedError, ValueError, RuntimeError):
+        # jax checks more than we do (cuDNN version, GPU generation) while tracing: "auto"
+        # falls back to XLA then, an explicit "cudnn" reports jax's reason.
+        if impl == "cudnn":
+          raise
+    elif impl == "cudnn":
+      raise ValueError(
+        f"attention_impl='cudnn' cannot run this layer: {why}. Use 'auto' (cuDNN where it "
+        "applies, XLA elsewhere) or 'xla'"
+      )
+    choice = "xla"
+  if choice == "jax_xla":
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation="xla")
+  return _xla_attention(q, k, v, mask, bias)
 
 
 class Attention(nnx.Module):
@@ -332,8 +430,9 @@ class Attention(nnx.Module):
 
   The attention probabilities over text tokens can be read or replaced by an
   :class:`~imagen_jax.models.attention_control.AttentionController` (prompt-to-prompt). Without a
-  controller the layer runs one fused attention: heads-major einsums (:func:`_xla_attention`, the
-  default), or ``jax.nn.dot_product_attention`` with cuDNN fused kernels for ``impl="cudnn"``.
+  controller the layer runs one fused attention, chosen by ``impl`` (:func:`attention`): by
+  backend for ``"auto"`` (cuDNN's fused kernel on GPUs where it applies, else heads-major einsums,
+  :func:`_xla_attention`), or forced. ``norm_impl``: the GroupNorm's computation.
   """
 
   def __init__(
@@ -346,7 +445,8 @@ class Attention(nnx.Module):
     self_attention: bool = True,
     num_groups: int,
     site: str,
-    impl: str | None = None,
+    impl: str | None = kernels.AUTO,
+    norm_impl: str = kernels.AUTO,
     rngs: nnx.Rngs,
     dtype: jnp.dtype,
     param_dtype: jnp.dtype,
@@ -355,10 +455,12 @@ class Attention(nnx.Module):
       raise ValueError(f"{site}: an attention layer needs self-attention or a text context")
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     hidden = num_heads * head_dim
+    if impl is not None:
+      kernels.check_choice("attention", impl, f"{site}: attention_impl")
     self.num_heads, self.head_dim, self.site, self.impl = num_heads, head_dim, site, impl
     self.self_attention = self_attention
     self.dtype = dtype
-    self.norm = group_norm(channels, num_groups, rngs=rngs, param_dtype=param_dtype)
+    self.norm = group_norm(channels, num_groups, rngs=rngs, param_dtype=param_dtype, impl=norm_impl)
     self.q = dense(channels, hidden, ("conv_in", "heads"), **kw)
     self.kv = dense(channels, 2 * hidden, ("conv_in", "heads"), **kw) if self_attention else None
     if context_dim is not None:
@@ -402,10 +504,7 @@ class Attention(nnx.Module):
       masks.append(context_mask)
     k, v = jnp.concatenate(keys, axis=1), jnp.concatenate(values, axis=1)  # [B, S, N, Dh]
     mask = jnp.concatenate(masks, axis=1)[:, None, None, :] if use_text else None  # [B,1,1,S]
-    if self.impl in (None, "xla"):
-      out = _xla_attention(q, k, v, mask)
-    else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.impl)
+    out = attention(q, k, v, mask, impl=self.impl)
     if use_text and controller is not None and controller.wants(self.site):
       out = self._controlled(q, k, v, mask, out, n_img, (hgt, wid), controller)
     if not self.self_attention:

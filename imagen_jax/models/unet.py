@@ -65,6 +65,11 @@ class _Blocks:
     return nnx.remat(_apply, policy=remat_policy(self.remat))(attn, *args)
 
 
+def _res_kw(cfg: UNetConfig, kw: dict) -> dict:
+  """ResBlock keyword arguments shared by every block of ``cfg``."""
+  return dict(num_groups=cfg.num_groups, skip_scale=cfg.skip_scale, norm_impl=cfg.norm_impl, **kw)
+
+
 def _attention(cfg: UNetConfig, channels: int, level: int, site: str, kw: dict) -> Attention | None:
   self_attn, cross = cfg.self_attn_levels[level], cfg.cross_attn_levels[level]
   if not (self_attn or cross):
@@ -79,6 +84,7 @@ def _attention(cfg: UNetConfig, channels: int, level: int, site: str, kw: dict) 
     num_groups=cfg.num_groups,
     site=site,
     impl=cfg.attention_impl,
+    norm_impl=cfg.norm_impl,
     **kw,
   )
 
@@ -101,7 +107,7 @@ class DBlock(nnx.Module, _Blocks):
     ch = cfg.channels[level]
     self.remat = cfg.remat
     self.down = conv(in_ch, ch, 3, stride=2, **kw)
-    rb = dict(num_groups=cfg.num_groups, skip_scale=cfg.skip_scale, **kw)
+    rb = _res_kw(cfg, kw)
     self.res = nnx.List(
       [ResBlock(ch, ch, cfg.emb_dim, **rb) for _ in range(cfg.num_res_blocks[level])]
     )
@@ -124,7 +130,7 @@ class UBlock(nnx.Module, _Blocks):
     ch = cfg.channels[level]
     self.remat, self.skip_mode, self.skip_scale = cfg.remat, cfg.decoder_skips, cfg.long_skip_scale
     in_ch = 2 * ch if cfg.decoder_skips == "resblock" else ch
-    rb = dict(num_groups=cfg.num_groups, skip_scale=cfg.skip_scale, **kw)
+    rb = _res_kw(cfg, kw)
     self.res = nnx.List(
       [ResBlock(in_ch, ch, cfg.emb_dim, **rb) for _ in range(cfg.num_res_blocks[level])]
     )
@@ -161,14 +167,16 @@ class UNet(nnx.Module, _Blocks):
       self._build_adm(cfg, kw)
     else:
       self._build_efficient(cfg, kw)
-    self.out_norm = group_norm(mc, cfg.num_groups, rngs=rngs, param_dtype=cfg.weight_dtype)
+    self.out_norm = group_norm(
+      mc, cfg.num_groups, rngs=rngs, param_dtype=cfg.weight_dtype, impl=cfg.norm_impl
+    )
     self.out_conv = conv(mc, cfg.out_channels, 3, zero=True, **kw)
 
   # ----------------------------------------------------------------------------------------------
   # Construction.
 
   def _build_adm(self, cfg: UNetConfig, kw: dict) -> None:
-    rb = dict(num_groups=cfg.num_groups, skip_scale=cfg.skip_scale, **kw)
+    rb = _res_kw(cfg, kw)
     ch, chans, down = cfg.model_channels, [cfg.model_channels], []
     for level, width in enumerate(cfg.channels):
       for _ in range(cfg.num_res_blocks[level]):
@@ -194,6 +202,7 @@ class UNet(nnx.Module, _Blocks):
         num_groups=cfg.num_groups,
         site="mid.attn",
         impl=cfg.attention_impl,
+        norm_impl=cfg.norm_impl,
         **kw,
       )
       if cfg.mid_attention

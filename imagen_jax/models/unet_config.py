@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from imagen_jax import kernels
+
 KINDS = ("base", "efficient")
 _DTYPES = ("float32", "bfloat16", "float16")
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -67,7 +69,13 @@ class UNetConfig:
     param_dtype: storage dtype of the weights (keep ``"float32"``).
     remat: ``"none"``, ``"block"`` (save nothing inside a block) or the name of a
       ``jax.checkpoint_policies`` entry, applied to every residual/attention block.
-    attention_impl: ``None``/``"xla"`` or ``"cudnn"`` for ``jax.nn.dot_product_attention``.
+    attention_impl: attention kernel (:mod:`imagen_jax.kernels`): ``"auto"`` (by backend: cuDNN's
+      fused kernel on GPUs where it applies, else XLA), ``"xla"`` (heads-major einsums, the CPU
+      choice), ``"jax_xla"`` (``jax.nn.dot_product_attention``'s XLA version) or ``"cudnn"``
+      (GPU, float16/bfloat16; raises where cuDNN cannot run). ``None`` is the older spelling of
+      ``"xla"``.
+    norm_impl: GroupNorm computation: ``"auto"`` (ours on CPU, flax's on GPU/TPU), ``"ours"``
+      (per-channel statistics, ``layers.GroupNorm``) or ``"flax"`` (``nnx.GroupNorm``'s).
   """
 
   name: str = "custom"
@@ -98,7 +106,8 @@ class UNetConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
-  attention_impl: str | None = None
+  attention_impl: str | None = "auto"
+  norm_impl: str = "auto"
 
   def __post_init__(self) -> None:
     self._validate()
@@ -380,8 +389,9 @@ class UNetConfig:
       raise ValueError(f"{err}: remat must be 'none', 'block' or a jax.checkpoint_policies name")
     if self.decoder_skips not in ("block", "resblock"):
       raise ValueError(f"{err}: decoder_skips must be 'block' or 'resblock'")
-    if self.attention_impl not in (None, "xla", "cudnn"):
-      raise ValueError(f"{err}: attention_impl must be None, 'xla' or 'cudnn'")
+    if self.attention_impl is not None:
+      kernels.check_choice("attention", self.attention_impl, f"{err}: attention_impl")
+    kernels.check_choice("norm", self.norm_impl, f"{err}: norm_impl")
 
 
 PRESETS = ("base64", "sr256", "sr1024", "tiny_base", "tiny_sr", "tiny_sr1024")

@@ -174,6 +174,50 @@ class Prepared:
   default_outdir: str | None = None  # default: <first workdir>/samples_cli
 
 
+def plan_stages(
+  workdir: Workdirs | None,
+  stages: Sequence[str] | None = None,
+  if_dirs: Sequence[str] | None = None,
+  if_dtype: str = "float32",
+) -> tuple[list[str], dict[str, ml_collections.ConfigDict]]:
+  """The stages a command line will run, from configs alone (nothing loads): ``(names,
+  configs)`` with each config's ``name``, ``image_size`` and ``lowres_size``.
+
+  ``workdir`` is one ``train.py`` run or several (``stages`` picks among their stages);
+  ``if_dirs`` are DeepFloyd IF stage directories instead (their U-Nets' ``config.json``).
+
+  Raises:
+    ValueError: naming the flag: neither source, unknown stages, ``--stages`` with
+      ``--if_dirs``, a bad ``--if_dtype``, a missing IF config.
+  """
+  if if_dirs:
+    if stages:
+      raise ValueError("--stages does not apply to --if_dirs: list just the stages' directories")
+    if if_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"--if_dtype={if_dtype}; choose float32 or bfloat16")
+    try:
+      sizes = deepfloyd.stage_sizes(list(if_dirs))
+    except FileNotFoundError as e:
+      raise ValueError(f"--if_dirs: {e}") from None
+    names = [name for name, _, _ in sizes]
+    stage_configs = {
+      name: ml_collections.ConfigDict(dict(name=name, image_size=size, lowres_size=lowres))
+      for name, size, lowres in sizes
+    }
+    return names, stage_configs
+  if workdir is None:
+    raise ValueError("pass --workdir (a train.py run) or --if_dirs (DeepFloyd IF stages)")
+  runs = load_run_configs(workdir)
+  stage_configs = {n: config.stages[n] for _, config in runs for n in config.stage_order}
+  names = list(stages or stage_configs)
+  unknown = [n for n in names if n not in stage_configs]
+  if unknown:
+    raise ValueError(
+      f"--stages={','.join(names)}: unknown stage(s) {unknown}; the runs have {list(stage_configs)}"
+    )
+  return names, stage_configs
+
+
 def prepare(
   *,
   workdir: Workdirs | None,
@@ -198,31 +242,7 @@ def prepare(
     jax.config.update("jax_compilation_cache_dir", compilation_cache)
   settings = dict(settings or {})
   common = settings.pop("*", {})
-  if if_dirs:
-    if stages:
-      raise ValueError("--stages does not apply to --if_dirs: list just the stages' directories")
-    if if_dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"--if_dtype={if_dtype}; choose float32 or bfloat16")
-    try:
-      sizes = deepfloyd.stage_sizes(list(if_dirs))
-    except FileNotFoundError as e:
-      raise ValueError(f"--if_dirs: {e}") from None
-    names = [name for name, _, _ in sizes]
-    stage_configs = {
-      name: ml_collections.ConfigDict(dict(name=name, image_size=size, lowres_size=lowres))
-      for name, size, lowres in sizes
-    }
-  else:
-    if workdir is None:
-      raise ValueError("pass --workdir (a train.py run) or --if_dirs (DeepFloyd IF stages)")
-    runs = load_run_configs(workdir)
-    stage_configs = {n: config.stages[n] for _, config in runs for n in config.stage_order}
-    names = list(stages or stage_configs)
-  unknown = [n for n in names if n not in stage_configs]
-  if unknown:
-    raise ValueError(
-      f"--stages={','.join(names)}: unknown stage(s) {unknown}; the runs have {list(stage_configs)}"
-    )
+  names, stage_configs = plan_stages(workdir, stages, if_dirs, if_dtype)
   per_stage = {n: {**common, **settings.get(n, {})} for n in names}
   unknown = sorted(set(settings) - set(names))
   if unknown:
@@ -243,7 +263,7 @@ def prepare(
       mesh=mesh,
     )
     return Prepared(cascade, list(if_dirs), init, default_outdir="samples_if")
-  workdirs = [d for d, _ in runs]
+  workdirs = [d for d, _ in load_run_configs(workdir)]
   cascade = Cascade.from_workdir(
     workdirs, stages=names, settings=per_stage, max_batch=max_batch, mesh=mesh
   )

@@ -16,7 +16,6 @@ import dataclasses
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax import sharding
@@ -38,7 +37,8 @@ class StageInversion:
     trajectory: ``[steps + 1, N, H, W, 3]``: the pivots (x_{t_i} in sampling order).
     null_emb: ``[steps, N, L, D]`` per-step null conditions (null-text inversion) or None.
     null_mask: ``[N, L]`` the null conditions' mask (the prompt's), or None.
-    aug_eps: ``[N, h, w, 3]`` the low-res input's augmentation noise (SR stages), or None.
+    aug_eps: ``[N, h, w, 3]`` the low-res input's augmentation noise (SR stages; at the size
+      it is added: the low-res size, or the stage's for DeepFloyd IF), or None.
   """
 
   latent: np.ndarray
@@ -133,6 +133,12 @@ def invert_cascade(
   else:
     emb, mask = (np.asarray(a) for a in embeddings)
   bucket = batch_size(n, cascade.max_batch, cascade.batch_shards)
+  # Null-text inversion starts from the unconditional branch's condition: the null prompt's
+  # states where the cascade has one (DeepFloyd IF: ""), else zeros under the prompt's mask.
+  if null_text and cascade.null_prompt is not None:
+    null_start = tuple(map(to_host, cascade.text.encode_prompts([cascade.null_prompt] * n)))
+  else:
+    null_start = (np.zeros_like(emb), np.asarray(mask))
 
   def pad(x):
     x = np.asarray(x)
@@ -155,10 +161,15 @@ def invert_cascade(
     x0 = put(pad(resize(images, stage.image_size)))
     lowres, aug_eps, eps = None, None, None
     if stage.lowres_size is not None:
-      lowres = put(pad(resize(images, stage.lowres_size)))
-      # One augmentation noise per image, kept with the latent: sampling must see it again.
-      shape = (n, stage.lowres_size, stage.lowres_size, 3)
-      eps = np.asarray(jax.random.normal(jax.random.fold_in(key, 2_000_003 + si), shape))
+      # The U-Net's low-res input as sampling gives it (DeepFloyd IF: upscaled first).
+      low = np.asarray(
+        stage.model.prepare_lowres(resize(images, stage.lowres_size), stage.image_size)
+      )
+      lowres = put(pad(low))
+      # One augmentation noise per image (at the size it is added), kept with the latent:
+      # sampling must see it again.
+      key_aug = jax.random.fold_in(key, 2_000_003 + si)
+      eps = np.asarray(jax.random.normal(key_aug, low.shape))
       aug_eps = put(pad(eps))
     rng = put(chunk_rng(key, si, 0), batch=False)
     e, m = put(pad(emb)), put(pad(mask))
@@ -182,9 +193,11 @@ def invert_cascade(
             inner_steps=inner_steps,
             learning_rate=learning_rate,
           )
-        null0 = jnp.zeros_like(e)
-        nulls, _ = programs[key_n](stage.params, rng, e, m, null0, m, traj, lowres, aug_eps)
+        null0, null_mask = null_start
+        nulls, _ = programs[key_n](
+          stage.params, rng, e, m, put(pad(null0)), put(pad(null_mask)), traj, lowres, aug_eps
+        )
         inv.null_emb = to_host(nulls)[:, :n]
-        inv.null_mask = np.asarray(mask)[:n]
+        inv.null_mask = np.asarray(null_mask)[:n]
     out[stage.name] = inv
   return CascadeInversion(out, used, seed)

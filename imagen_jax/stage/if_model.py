@@ -27,10 +27,12 @@ from imagen_jax.models.if_unet import IFUNet, IFUNetConfig
 from imagen_jax.stage.pure import PureModel
 
 
-def upsample_align_corners(images: Any, size: int) -> np.ndarray:
+def upsample_align_corners(images: Any, size: int) -> Any:
   """``[N, h, w, C]`` → ``[N, size, size, C]``: bilinear with ``align_corners=True`` (what IF's
-  super-resolution pipeline applies to the stage-I image: ``F.interpolate``)."""
-  x = np.asarray(images, np.float32)
+  super-resolution pipeline applies to the stage-I image: ``F.interpolate``). A JAX array (also
+  inside ``jit``: the train step) stays one; anything else becomes a NumPy array."""
+  xp = jnp if isinstance(images, jax.Array) else np
+  x = xp.asarray(images, xp.float32)
 
   def weights(n_in: int) -> np.ndarray:  # [size, n_in]: output row ← two input rows
     if n_in == 1:
@@ -44,7 +46,7 @@ def upsample_align_corners(images: Any, size: int) -> np.ndarray:
     return w.astype(np.float32)
 
   wh, ww = weights(x.shape[1]), weights(x.shape[2])
-  return np.einsum("oh,nhwc,pw->nopc", wh, x, ww).astype(np.float32)
+  return xp.einsum("oh,nhwc,pw->nopc", wh, x, ww).astype(xp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +103,7 @@ class IFStageModel(PureModel):
     """Random initial params as a pure dict (call inside ``jax.jit``)."""
     return nnx.to_pure_dict(nnx.state(IFUNet(self.config, rngs=nnx.Rngs(self.seed))))
 
-  def prepare_lowres(self, lowres: Any, size: int) -> np.ndarray:
+  def prepare_lowres(self, lowres: Any, size: int) -> Any:
     """The previous stage's images → this stage's low-res input: upscaled to ``size`` first
     (IF noise-augments the upscaled image)."""
     return upsample_align_corners(lowres, size)

@@ -97,11 +97,15 @@ def drop_text(
   return emb, mask
 
 
-def make_loss_fn(apply_fn: Callable, stage: Any, schedule: Any) -> Callable:
+def make_loss_fn(
+  apply_fn: Callable, stage: Any, schedule: Any, prepare_lowres: Callable | None = None
+) -> Callable:
   """``loss_fn(params, batch, rng) -> (mean loss, aux)`` for one micro-batch.
 
   ``apply_fn(params, x_t, logsnr, text_emb, text_mask, lowres=None, aug_logsnr=None)`` is the
-  U-Net's pure forward.
+  U-Net's pure forward; ``prepare_lowres(lowres, size)`` turns an SR batch's low-res images into
+  the U-Net's input before they are noise-augmented, as sampling does (DeepFloyd IF upscales
+  them first; the model's ``prepare_lowres``).
   """
   is_sr = stage.lowres_size is not None
 
@@ -121,8 +125,11 @@ def make_loss_fn(apply_fn: Callable, stage: Any, schedule: Any) -> Callable:
       b = x0.shape[0]
       # Imagen §2.4: a random aug level per example; the model is told the level.
       level = jax.random.uniform(rng_aug, (b,), maxval=stage.max_aug_level)
+      lowres = batch["lowres"]  # [B, h, w, C]
+      if prepare_lowres is not None:
+        lowres = prepare_lowres(lowres, x0.shape[1])
       lowres, aug_logsnr = diffusion.noise_augment(
-        jax.random.fold_in(rng_aug, 1), batch["lowres"], schedule, level
+        jax.random.fold_in(rng_aug, 1), lowres, schedule, level
       )
       kwargs = {"lowres": lowres, "aug_logsnr": aug_logsnr}
     x_t, t, logsnr, eps = diffusion.sample_training_inputs(rng_t, x0, schedule)
@@ -165,9 +172,11 @@ def make_train_step(
   lr_schedule: optax.Schedule,
   stage: Any,
   schedule: Any,
+  prepare_lowres: Callable | None = None,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
-  """Builds ``train_step(state, batch) -> (state, metrics)`` (pure; jit it with donation)."""
-  loss_fn = make_loss_fn(apply_fn, stage, schedule)
+  """Builds ``train_step(state, batch) -> (state, metrics)`` (pure; jit it with donation).
+  ``prepare_lowres``: see :func:`make_loss_fn`."""
+  loss_fn = make_loss_fn(apply_fn, stage, schedule, prepare_lowres)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   n_micro = int(stage.grad_accum)
 
@@ -296,7 +305,7 @@ def build_stage_program(
   schedule = stage_schedule(stage)
   tx, lr_schedule = optim.make_optimizer(stage.optimizer, stage.total_steps)
   shardings = state_shardings(model, tx, mesh, rules)
-  step_fn = make_train_step(model.apply, tx, lr_schedule, stage, schedule)
+  step_fn = make_train_step(model.apply, tx, lr_schedule, stage, schedule, model.prepare_lowres)
 
   def sharded_step(state, batch):
     with sharding.use_rules(mesh, rules):  # activates constrain() while tracing

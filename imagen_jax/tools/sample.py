@@ -194,7 +194,7 @@ def _edit_image(op: str, edit: PromptToPrompt | None, source: dict) -> dict:
   )
 
 
-def _if_args(op: str | None, edit: PromptToPrompt | None) -> dict:
+def _if_args() -> dict:
   """The DeepFloyd IF flags (empty without ``--if_dirs``); misuse fails before any load."""
   if not _IF_DIRS.value:
     used = [f"--{n}" for n in ("if_t5", "if_variant", "if_dtype") if flags.FLAGS[n].present]
@@ -203,11 +203,6 @@ def _if_args(op: str | None, edit: PromptToPrompt | None) -> dict:
     return {}
   if flags.FLAGS["workdir"].present:
     raise ValueError("--if_dirs replaces --workdir: pass one of them")
-  if op is not None or edit is not None:
-    raise ValueError(
-      "--if_dirs samples DeepFloyd IF stages; edits and image operations on them run through "
-      "the Python API (imagen_jax.edit with Cascade.from_diffusers), not sample.py yet"
-    )
   return dict(
     if_dirs=_IF_DIRS.value,
     if_t5=_IF_T5.value,
@@ -251,7 +246,7 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   edit = _edit_settings()
   guide = _clip_guidance(op, edit)
-  if_args = _if_args(op, edit)
+  if_args = _if_args()
   source = dict(
     workdir=None if if_args else _WORKDIR.value,
     settings=settings,
@@ -259,6 +254,7 @@ def main(argv: list[str]) -> None:
     max_batch=_MAX_BATCH.value,
     compilation_cache=_CACHE.value,
     mesh=mesh,
+    **if_args,
   )
   common = dict(
     seed=_SEED.value,
@@ -281,7 +277,7 @@ def main(argv: list[str]) -> None:
     )
   else:
     prompts = sample_cli.read_prompts(_PROMPT.value, _PROMPTS_FILE.value, source["workdir"])
-    paths = sample_cli.run(prompts=prompts, num_images=_NUM.value, guide=guide, **common, **if_args)
+    paths = sample_cli.run(prompts=prompts, num_images=_NUM.value, guide=guide, **common)
   if jax.process_index() != 0:
     return
   print(f"Wrote {len(paths['images'])} images, grid {paths['grid']}")

@@ -281,7 +281,8 @@ class _StageEvaluator:
     self.prompts = eval_registry.eval_prompts(self.evaluators, default)
     self.lowres = None
     if stage.lowres_size is not None:
-      self.lowres = data_lib.eval_lowres(config, stage, self.prompts)
+      lowres = data_lib.eval_lowres(config, stage, self.prompts)
+      self.lowres = np.asarray(model.prepare_lowres(lowres, stage.image_size))
     self.rng = jax.random.key(config.seed + 1)
 
   def run(self, step: int, ema_params: Any, writer: metrics.MetricWriter) -> dict:
