@@ -43,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   parser.add_argument("--dtype", default="", help="compute dtype override: float32 | bfloat16")
   parser.add_argument("--remat", default="", help="UNetConfig.remat override (none, block, ...)")
-  parser.add_argument("--attention_impl", default="", help="'xla' or 'cudnn'")
+  parser.add_argument(
+    "--attention_impl", default="", help="auto | xla | jax_xla | cudnn (imagen_jax.kernels)"
+  )
   parser.add_argument("--grad_accum", type=int, default=0, help="override stage.grad_accum")
   parser.add_argument("--text_length", type=int, default=0, help="default: config.text.max_length")
   parser.add_argument("--text_dim", type=int, default=0, help="default: the config's T5 width")
@@ -142,7 +144,7 @@ def main(argv=None) -> dict:
   if args.remat:
     stage.model.remat = args.remat
   if args.attention_impl:
-    stage.model.attention_impl = None if args.attention_impl == "xla" else args.attention_impl
+    stage.model.attention_impl = args.attention_impl
   if args.grad_accum:
     stage.grad_accum = args.grad_accum
   t5 = flops.text_encoder_config(config.text.encoder)

@@ -80,6 +80,7 @@ def stage_config(
   c.sample = ml_collections.ConfigDict(
     dict(
       sampler="dpmpp_2m",
+      spacing="auto",  # DPM-Solver++: uniform in log-SNR (bench/RESULTS.md, "Step spacing")
       steps=25,
       guidance=5.0,
       thresholding="dynamic",

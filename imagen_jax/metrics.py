@@ -6,10 +6,10 @@ never branch on the process index themselves.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -109,21 +109,58 @@ class MetricWriter:
       self._tb = None
 
 
-def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
-  """Tiles ``[N, H, W, C]`` images (uint8 or float in [-1, 1]) into one ``uint8`` grid image."""
+def image_grid(
+  images: np.ndarray,
+  ncols: int | None = None,
+  pad: int = 2,
+  *,
+  captions: Sequence[str] | None = None,
+  max_lines: int | None = None,
+) -> np.ndarray:
+  """Tiles ``[N, H, W, C]`` images (uint8 or float in [-1, 1]) into one ``uint8`` grid image.
+
+  Args:
+    images: the tiles, in row-major order.
+    ncols: tiles per row (default: a square-ish grid).
+    pad: white pixels between and around the tiles.
+    captions: one text per image, printed under its tile in black on white with Pillow's
+      default font, word-wrapped to the tile's width (an empty one leaves its band blank). Every
+      row gets a band as tall as the longest wrapped caption, so the tiles stay a regular grid
+      and are copied pixel for pixel.
+    max_lines: cut longer captions to this many lines, ending in "..." (default: no limit).
+
+  Returns:
+    The grid, ``uint8 [rows * (H + band + pad) + pad, ncols * (W + pad) + pad, C]``.
+  """
   images = np.asarray(images)
   if images.ndim != 4:
     raise ValueError(f"image_grid: images must be [N, H, W, C], got shape {images.shape}")
+  if captions is not None and len(captions) != images.shape[0]:
+    raise ValueError(f"image_grid: {images.shape[0]} images but {len(captions)} captions")
   if images.dtype != np.uint8:
     images = to_uint8(images)
   n, h, w, c = images.shape
   ncols = ncols or int(math.ceil(math.sqrt(n)))
   nrows = int(math.ceil(n / ncols))
-  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+  font = _font()
+  lines = [_wrap(str(t), font, w, max_lines) for t in captions] if captions is not None else []
+  line_h = _line_height(font)
+  most = max((len(x) for x in lines), default=0)
+  band = most * line_h + _BAND_MARGIN if most else 0
+  grid = np.full((nrows * (h + band + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+  text = Image.new("L", (grid.shape[1], grid.shape[0]), 255) if most else None
+  draw = ImageDraw.Draw(text) if text is not None else None
   for i in range(n):
     r, col = divmod(i, ncols)
-    y, x = pad + r * (h + pad), pad + col * (w + pad)
+    y, x = pad + r * (h + band + pad), pad + col * (w + pad)
     grid[y : y + h, x : x + w] = images[i]
+    for j, line in enumerate(lines[i] if draw is not None else ()):
+      draw.text((x, y + h + _BAND_MARGIN // 2 + j * line_h), line, fill=0, font=font)
+  if text is not None:
+    # The text is drawn once, in grey levels, then darkens the colour channels of the bands
+    # only (the canvas is white over the tiles): tiles and any alpha channel are left as they are.
+    colour = 1 if c <= 2 else 3  # L / LA: channel 0; RGB / RGBA: the first three
+    grid[..., :colour] = np.minimum(grid[..., :colour], np.asarray(text)[..., None])
   return grid
 
 
@@ -133,14 +170,14 @@ def captioned_grid(
   ncols: int | None = None,
   *,
   tile: int = 128,
-  line_chars: int | None = None,
-  max_lines: int = 3,
+  max_lines: int | None = 3,
 ) -> np.ndarray:
-  """Tiles ``[N, H, W, C]`` images with each caption printed under its image, as ``uint8``.
+  """Tiles ``[N, H, W, C]`` images at ``tile`` pixels wide with each caption under its image.
 
   Images are scaled to ``tile`` pixels wide (nearest neighbour for upscaling, so small samples stay
-  crisp; bicubic when shrinking); captions are word-wrapped to ``line_chars`` characters (default:
-  what fits the tile in Pillow's default font) and cut after ``max_lines`` lines with "…".
+  crisp; bicubic when shrinking) and laid out by :func:`image_grid` with ``captions``, so a
+  32² sample gets a caption band as wide as 128 pixels of text. Captions are cut after
+  ``max_lines`` lines with "..." (``None``: never). Always RGB ``uint8``.
   """
   images = np.asarray(images)
   if images.ndim != 4:
@@ -149,30 +186,69 @@ def captioned_grid(
     raise ValueError(f"captioned_grid: {images.shape[0]} images but {len(captions)} captions")
   if images.dtype != np.uint8:
     images = to_uint8(images)
-  n, h, w, _ = images.shape
-  height = max(1, round(h * tile / w))
-  line_chars = line_chars or max(4, tile // 6)  # the default bitmap font is ~6 px per character
-  line_h, pad = 11, 4
-  text_h = max_lines * line_h + pad
-  ncols = ncols or int(math.ceil(math.sqrt(n)))
-  nrows = int(math.ceil(n / ncols))
-  sheet = Image.new(
-    "RGB", (ncols * (tile + pad) + pad, nrows * (height + text_h + pad) + pad), "white"
-  )
-  draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+  _, h, w, _ = images.shape
+  size = (tile, max(1, round(h * tile / w)))
   resample = Image.NEAREST if tile >= w else Image.BICUBIC
-  for i in range(n):
-    r, c = divmod(i, ncols)
-    x, y = pad + c * (tile + pad), pad + r * (height + text_h + pad)
-    img = Image.fromarray(images[i][..., :3] if images.shape[-1] >= 3 else images[i][..., 0])
-    sheet.paste(img.convert("RGB").resize((tile, height), resample), (x, y))
-    lines = textwrap.wrap(str(captions[i]), line_chars) or [""]
-    if len(lines) > max_lines:
-      lines = lines[:max_lines]
-      lines[-1] = lines[-1][: line_chars - 3] + "..."
-    for j, line in enumerate(lines):
-      draw.text((x, y + height + 2 + j * line_h), _drawable(line, font), fill="black", font=font)
-  return np.asarray(sheet)
+  tiles = [
+    np.asarray(
+      Image.fromarray(im[..., :3] if im.shape[-1] >= 3 else im[..., 0])
+      .convert("RGB")
+      .resize(size, resample)
+    )
+    for im in images
+  ]
+  return image_grid(np.stack(tiles), ncols, pad=4, captions=captions, max_lines=max_lines)
+
+
+_BAND_MARGIN = 4  # white rows in a caption band besides its text: half above, half below
+
+
+@functools.cache
+def _font() -> Any:
+  # Pillow's built-in font: no font file to ship or find, the same glyphs on every machine with
+  # the same Pillow (a FreeType build gets its embedded Aileron, else a bitmap font).
+  return ImageFont.load_default()
+
+
+def _line_height(font: Any) -> int:
+  return int(font.getbbox("Ág|y")[3]) + 1  # an accent's top to a descender's bottom
+
+
+def _wrap(text: str, font: Any, width: int, max_lines: int | None = None) -> list[str]:
+  """Greedy word wrap to ``width`` pixels; a word wider than a line is split between letters."""
+  lines: list[str] = []
+  line = ""
+  for word in _drawable(text, font).split():
+    while font.getlength(word) > width:
+      if line:
+        lines.append(line)
+        line = ""
+      cut = _fits(word, font, width)
+      lines.append(word[:cut])
+      word = word[cut:]
+    joined = f"{line} {word}" if line else word
+    if font.getlength(joined) <= width:
+      line = joined
+    else:
+      lines.append(line)
+      line = word
+  if line:
+    lines.append(line)
+  if max_lines is not None and len(lines) > max_lines:
+    lines = lines[:max_lines]
+    last = lines[-1]
+    while last and font.getlength(last + "...") > width:
+      last = last[:-1]
+    lines[-1] = last.rstrip() + "..."
+  return lines
+
+
+def _fits(text: str, font: Any, width: int) -> int:
+  """The longest prefix of ``text`` (at least one character) no wider than ``width`` pixels."""
+  k = 1
+  while k < len(text) and font.getlength(text[: k + 1]) <= width:
+    k += 1
+  return k
 
 
 def _drawable(text: str, font: Any) -> str:

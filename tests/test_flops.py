@@ -108,6 +108,7 @@ def test_paper_presets_are_sane():
   # ≈ 2 · params · tokens for the 4.6B non-embedding params, plus attention.
   assert 0.9 < xxl / (2 * 4.6 * 128) < 1.2, xxl
   assert flops.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+  assert flops.peak_tflops("NVIDIA H100 PCIe") == 756.0
   assert flops.peak_tflops("cpu") is None
 
 

@@ -126,8 +126,10 @@ def test_inversion_error_falls_with_steps(cascade, images):
 
 
 def test_null_text_inversion_reconstructs_under_guidance(cascade, images):
+  # On the uniform grid (the ratio below was measured there: with DPM-Solver++'s default
+  # log-SNR grid null-text still helps at 6 steps, 0.088 vs 0.133 RMS, but by less).
   st = {
-    "sr": {"steps": 6, "guidance": 4.0, "thresholding": "none"},
+    "sr": {"steps": 6, "guidance": 4.0, "thresholding": "none", "spacing": "uniform"},
     "base": {"steps": 6, "guidance": 1.0},  # no null-text for the base: the SR stage is measured
   }
   inv = ops.invert(cascade, images, P, seed=0, settings=st, null_text=True, inner_steps=10)

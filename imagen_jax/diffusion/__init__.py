@@ -32,15 +32,18 @@ from imagen_jax.diffusion.inpaint import forward_jump, paste_known, repaint_path
 from imagen_jax.diffusion.inversion import INVERTIBLE_SAMPLERS, invert, null_text_inversion
 from imagen_jax.diffusion.losses import diffusion_loss, min_snr_weight, sample_training_inputs
 from imagen_jax.diffusion.samplers import (
+  ALL_SAMPLERS,
+  DPMPP_VARIANTS,
   SAMPLE_STATIC_ARGNAMES,
   SAMPLERS,
   ancestral_step,
   ddim_step,
   denoise,
+  dpmpp_2m_sde_step,
   dpmpp_2m_step,
+  dpmpp_3m_step,
   sample,
   solver_step,
-  time_grid,
 )
 from imagen_jax.diffusion.schedules import (
   SCHEDULE_NAMES,
@@ -52,15 +55,19 @@ from imagen_jax.diffusion.schedules import (
   as_schedule,
   get_schedule,
 )
+from imagen_jax.diffusion.spacing import SPACINGS, karras_logsnr, logsnr_uniform, time_grid
 
 __all__ = [
+  "ALL_SAMPLERS",
   "CosineSchedule",
+  "DPMPP_VARIANTS",
   "INVERTIBLE_SAMPLERS",
   "LinearBetaSchedule",
   "PRED_TYPES",
   "SAMPLERS",
   "SAMPLE_STATIC_ARGNAMES",
   "SCHEDULE_NAMES",
+  "SPACINGS",
   "Schedule",
   "ShiftedCosineSchedule",
   "THRESHOLD_MODES",
@@ -72,7 +79,9 @@ __all__ = [
   "ddim_step",
   "denoise",
   "diffusion_loss",
+  "dpmpp_2m_sde_step",
   "dpmpp_2m_step",
+  "dpmpp_3m_step",
   "dynamic_threshold",
   "eps_from_v",
   "eps_from_x0",
@@ -80,6 +89,8 @@ __all__ = [
   "get_schedule",
   "guide",
   "invert",
+  "karras_logsnr",
+  "logsnr_uniform",
   "min_snr_weight",
   "noise_augment",
   "null_text_inversion",

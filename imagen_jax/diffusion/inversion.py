@@ -11,7 +11,8 @@
   strong guidance, which plain inversion cannot (guidance bends the trajectory away).
 
 Grids and steps are exactly those of :func:`imagen_jax.diffusion.samplers.sample` (same
-``steps``, ``t_start``), so ``sample(model, invert(model, x0, ...), ...)`` reconstructs ``x0``.
+``steps``, ``t_start``, ``spacing``), so ``sample(model, invert(model, x0, ...), ...)``
+reconstructs ``x0``.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from imagen_jax.diffusion.samplers import (
   time_grid,
 )
 from imagen_jax.diffusion.schedules import Schedule, alpha_sigma, as_schedule
+from imagen_jax.diffusion.spacing import check_spacing
 
 Array = jax.Array
 
 INVERTIBLE_SAMPLERS = ("ddim", "dpmpp_2m")
 
 
-def _check(sampler: str, steps: int, t_start: float) -> None:
+def _check(sampler: str, steps: int, t_start: float, spacing: str) -> None:
   if sampler not in INVERTIBLE_SAMPLERS:
     raise ValueError(
       f"inversion needs a deterministic sampler: one of {INVERTIBLE_SAMPLERS}, got {sampler!r} "
@@ -46,6 +48,7 @@ def _check(sampler: str, steps: int, t_start: float) -> None:
     raise ValueError(f"steps must be an int >= 1, got {steps!r}")
   if not 0.0 < float(t_start) <= 1.0:
     raise ValueError(f"t_start must be in (0, 1], got {t_start}")
+  check_spacing(spacing)
 
 
 def inverse_step(
@@ -91,6 +94,7 @@ def invert(
   percentile: float = 99.5,
   t_start: float = 1.0,
   return_trajectory: bool = False,
+  spacing: str = "uniform",
 ) -> Array | tuple[Array, Array]:
   """Inverts ``x0`` to the latent at ``t_start`` for ``sample(..., sampler, steps, t_start)``.
 
@@ -98,7 +102,7 @@ def invert(
     model_fn: ``model_fn(x_t, t) -> pred`` (the conditional model, or a guided one).
     x0: the images, ``[B, ...]``.
     sampler: ``"ddim"`` (η = 0) or ``"dpmpp_2m"``: the sampler that will regenerate.
-    steps, schedule, pred_type, thresholding, percentile, t_start: as for ``sample``
+    steps, schedule, pred_type, thresholding, percentile, t_start, spacing: as for ``sample``
       (thresholding is off by default: clipping x̂0 of a real image loses information).
     return_trajectory: also return every point x_{t_i} of the grid, ``[N + 1, B, ...]`` in
       sampling order (index 0 = the latent, index N = ``x0``): the pivots of null-text inversion.
@@ -106,11 +110,11 @@ def invert(
   Returns:
     The latent ``[B, ...]`` (and the trajectory).
   """
-  _check(sampler, steps, t_start)
+  _check(sampler, steps, t_start, spacing)
   schedule = as_schedule(schedule)
   x0 = jnp.asarray(x0)
   batch, dtype = x0.shape[0], x0.dtype
-  ts = time_grid(steps, t_start, 0.0)  # [N + 1], t_0 = t_start … t_N = 0
+  ts = time_grid(steps, t_start, 0.0, spacing=spacing, schedule=schedule)  # [N + 1], t_N = 0
   logsnrs = schedule(ts)
 
   def body(carry, i):  # i = N, N−1, …, 1: move t_i → t_{i−1}
@@ -144,6 +148,7 @@ def null_text_inversion(
   inner_steps: int = 10,
   learning_rate: float = 1e-2,
   tolerance: float = 1e-5,
+  spacing: str = "uniform",
 ) -> tuple[Any, Array]:
   """Per-step null conditions that make guided sampling retrace ``trajectory`` (Mokady et al.).
 
@@ -161,21 +166,22 @@ def null_text_inversion(
       the unconditional branch's condition (a pytree of float arrays).
     trajectory: ``[N + 1, B, ...]`` pivots from ``invert(..., return_trajectory=True)`` at w = 1.
     null_init: the initial null condition (pytree).
-    sampler, steps, schedule, pred_type, thresholding, percentile, t_start: as for ``sample``.
+    sampler, steps, schedule, pred_type, thresholding, percentile, t_start, spacing: as for
+      ``sample``.
     inner_steps, learning_rate, tolerance: the optimisation per step (the paper: 10, 1e-2, 1e-5).
 
   Returns:
     ``(nulls, final)``: the null condition per step (``null_init``'s leaves with a leading
     ``[N]``) and the guided reconstruction x̂0 ``[B, ...]``.
   """
-  _check(sampler, steps, t_start)
+  _check(sampler, steps, t_start, spacing)
   if trajectory.shape[0] != steps + 1:
     raise ValueError(
       f"trajectory has {trajectory.shape[0]} points; steps={steps} needs {steps + 1}"
     )
   schedule = as_schedule(schedule)
   batch = trajectory.shape[1]
-  ts = time_grid(steps, t_start, 0.0)
+  ts = time_grid(steps, t_start, 0.0, spacing=spacing, schedule=schedule)
   logsnrs = schedule(ts)
   opt = optax.adam(learning_rate)
 

@@ -1,13 +1,15 @@
-"""Samplers: ancestral (DDPM), DDIM and DPM-Solver++(2M), each one ``lax.fori_loop``.
+"""Samplers: ancestral (DDPM), DDIM and DPM-Solver++ (2M, 3M, 2M SDE), each one ``lax.fori_loop``.
 
-All samplers walk a uniform time grid t_start = t_0 > t_1 > … > t_N = t_end, call
-``model_fn(x_t, t)`` once per step, turn its output into (x̂0, ε̂) (:func:`gaussian.to_x0_eps`),
-threshold x̂0 (Imagen §2.3) and move x_{t_i} → x_{t_{i+1}}. The last step returns the
-(thresholded) x̂0 itself: with t_end = 0 that is the σ → 0 limit of every update below, and it
-keeps a huge last step in log-SNR (λ jumps to ``logsnr_max``) from amplifying solver error.
+All samplers walk a time grid t_start = t_0 > t_1 > … > t_N = t_end (uniform in t by default;
+uniform in log-SNR or Karras' σ spacing with ``spacing``, :mod:`imagen_jax.diffusion.spacing`),
+call ``model_fn(x_t, t)`` once per step, turn its output into (x̂0, ε̂)
+(:func:`gaussian.to_x0_eps`), threshold x̂0 (Imagen §2.3) and move x_{t_i} → x_{t_{i+1}}. The last
+step returns the (thresholded) x̂0 itself: with t_end = 0 that is the σ → 0 limit of every update
+below, and it keeps a huge last step in log-SNR (λ jumps to ``logsnr_max``) from amplifying solver
+error.
 
 Notation: step from t to s < t, λ = log-SNR, α² = sigmoid(λ), σ² = sigmoid(−λ),
-r = SNR_t / SNR_s = exp(λ_t − λ_s) ∈ (0, 1].
+r = SNR_t / SNR_s = exp(λ_t − λ_s) ∈ (0, 1]. DPM-Solver's h is in half log-SNR, h = (λ_s − λ_t)/2.
 """
 
 from __future__ import annotations
@@ -23,11 +25,21 @@ from imagen_jax.diffusion import gaussian, inpaint
 from imagen_jax.diffusion.discrete import learned_range_log_variance
 from imagen_jax.diffusion.guidance import check_threshold, threshold
 from imagen_jax.diffusion.schedules import Schedule, alpha_sigma, as_schedule
+from imagen_jax.diffusion.spacing import check_spacing, time_grid
 
 Array = jax.Array
 ModelFn = Callable[[Array, Array], Array]
 
 SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
+# DPM-Solver++(3M) and DPM-Solver++(2M) SDE. Kept apart from SAMPLERS, which the sampler tests
+# (tests/diffusion/test_samplers.py) and the settings iterate, until those list them too.
+DPMPP_VARIANTS = ("dpmpp_3m", "dpmpp_2m_sde")
+# Every sampler that ``sample`` accepts.
+ALL_SAMPLERS = SAMPLERS + DPMPP_VARIANTS
+# The samplers that draw noise at every step (they need ``rng``).
+STOCHASTIC_SAMPLERS = ("ancestral", "dpmpp_2m_sde")
+# The DPM-Solver++ multistep samplers (they carry a history of x̂0).
+MULTISTEP_SAMPLERS = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde")
 # Everything but the data: pass to ``jax.jit(sample, static_argnames=SAMPLE_STATIC_ARGNAMES)``.
 SAMPLE_STATIC_ARGNAMES = (
   "model_fn",
@@ -48,12 +60,9 @@ SAMPLE_STATIC_ARGNAMES = (
   "jump",
   "threshold_max",
   "learned_variance",
+  "spacing",
+  "percentile_impl",
 )
-
-
-def time_grid(steps: int, t_start: float = 1.0, t_end: float = 0.0) -> Array:
-  """The ``steps + 1`` uniformly spaced times t_0 = t_start > … > t_N = t_end, ``[N + 1]``."""
-  return jnp.linspace(t_start, t_end, steps + 1, dtype=jnp.float32)
 
 
 def ancestral_step(
@@ -133,6 +142,95 @@ def dpmpp_2m_step(
   return (sigma_s / sigma_t) * x_t - alpha_s * jnp.expm1(-h) * d, h
 
 
+def dpmpp_3m_step(
+  x_t: Array,
+  x0s: tuple[Array, Array, Array],
+  logsnr_t: Array,
+  logsnr_s: Array,
+  hs_prev: tuple[Array, Array],
+  order: Array,
+) -> tuple[Array, Array]:
+  """DPM-Solver++(3M) multistep update: Lu et al. 2022b's multistep data-prediction solver at
+  third order (as in the authors' code and diffusers' ``multistep_dpm_solver_third_order_update``).
+
+  With m0, m1, m2 = x̂0 at t and the two previous grid points, h = λ'_s − λ'_t and the previous
+  steps h_0, h_1 (λ' = λ/2), the divided differences in λ'
+
+    g0 = (m0 − m1) / h_0,   g1 = (m1 − m2) / h_1,
+    d1 = g0 + h_0 / (h_0 + h_1) (g0 − g1),   d2 = (g0 − g1) / (h_0 + h_1)
+
+  give the exponential integrator of the Taylor expansion of x̂0 in λ' (e^{−h} − 1 = expm1(−h)):
+
+    x_s = (σ_s/σ_t) x_t − α_s (e^{−h} − 1) m0 + α_s (e^{−h} − 1 + h) d1
+          − α_s (e^{−h} − 1 + h − h²/2) d2.
+
+  This is diffusers' form with D1 = h d1 and D2 = h² d2, written without dividing by h (so a
+  zero-length step is x_s = x_t, not 0/0). ``order`` < 3 (the first two steps after a restart)
+  falls back to DPM-Solver++(2M) (:func:`dpmpp_2m_step`; it is (1) for ``order`` = 1), as
+  diffusers' warm-up does.
+
+  Args:
+    x_t: the state at t, ``[B, ...]``.
+    x0s: ``(m0, m1, m2)``, each like ``x_t`` (m1, m2 are ignored below orders 2, 3).
+    logsnr_t: λ_t.
+    logsnr_s: λ_s > λ_t.
+    hs_prev: ``(h_0, h_1)``: the last two steps in λ'.
+    order: 1, 2 or 3 (int32 scalar).
+
+  Returns:
+    ``(x_s, h)``.
+  """
+  m0, m1, m2 = x0s
+  h0, h1 = hs_prev
+  x_2m, h = dpmpp_2m_step(x_t, m0, m1, logsnr_t, logsnr_s, h0, order < 2)
+  third = order >= 3
+  # Below order 3 the history may hold zero steps: divide by 1 there (the result is unused).
+  safe = lambda v: jnp.where(third, v, 1.0)
+  g0 = (m0 - m1) / safe(h0)
+  g1 = (m1 - m2) / safe(h1)
+  d1 = g0 + (h0 / safe(h0 + h1)) * (g0 - g1)
+  d2 = (g0 - g1) / safe(h0 + h1)
+  alpha_s, sigma_s = alpha_sigma(logsnr_s)
+  _, sigma_t = alpha_sigma(logsnr_t)
+  em1 = jnp.expm1(-h)  # e^{−h} − 1
+  x_3m = (
+    (sigma_s / sigma_t) * x_t
+    - alpha_s * em1 * m0
+    + alpha_s * (em1 + h) * d1
+    - alpha_s * (em1 + h - 0.5 * h * h) * d2
+  )
+  return jnp.where(third, x_3m, x_2m), h
+
+
+def dpmpp_2m_sde_step(
+  x_t: Array,
+  x0: Array,
+  x0_prev: Array,
+  logsnr_t: Array,
+  logsnr_s: Array,
+  h_prev: Array,
+  first: Array,
+  noise: Array,
+) -> tuple[Array, Array]:
+  """DPM-Solver++(2M) SDE update: the stochastic form of Lu et al. 2022b's 2M, data prediction
+  (diffusers' ``algorithm_type="sde-dpmsolver++"``, ``solver_type="midpoint"``):
+
+    x_s = (σ_s/σ_t) e^{−h} x_t + α_s (1 − e^{−2h}) D + σ_s √(1 − e^{−2h}) z,
+    D = x̂0 + (1 / 2r) (x̂0 − x̂0_prev),  r = h_prev / h   (D = x̂0 on the ``first`` step).
+
+  Since e^{−2h} = SNR_t / SNR_s, (σ_s/σ_t) e^{−h} = r_snr α_s / α_t: this is exactly the
+  ancestral step (:func:`ancestral_step`) taken with the multistep D in place of x̂0, so its
+  first-order form is DDPM itself and it keeps DDPM's noise while gaining an order.
+
+  Returns:
+    ``(x_s, h)``.
+  """
+  h = 0.5 * (logsnr_s - logsnr_t)
+  coef = jnp.where(first, 0.0, h / (2.0 * jnp.where(first, 1.0, h_prev)))
+  d = x0 + coef * (x0 - x0_prev)
+  return ancestral_step(x_t, d, logsnr_t, logsnr_s, noise), h
+
+
 def denoise(
   pred: Array,
   x_t: Array,
@@ -141,14 +239,16 @@ def denoise(
   thresholding: str,
   percentile: float,
   threshold_max: float | None = None,
+  percentile_impl: str = "auto",
 ) -> tuple[Array, Array]:
   """A model output → the thresholded (x̂0, ε̂) every sampler steps with (Imagen §2.3).
 
   ε̂ is recomputed from the clipped x̂0 so that x_t = α x̂0 + σ ε̂ still holds.
+  ``percentile_impl``: the dynamic-thresholding percentile's kernel (:mod:`imagen_jax.kernels`).
   """
   x0, eps = gaussian.to_x0_eps(pred, x_t, logsnr, pred_type)
   if thresholding != "none":
-    x0 = threshold(x0, thresholding, percentile, threshold_max)
+    x0 = threshold(x0, thresholding, percentile, threshold_max, percentile_impl=percentile_impl)
     eps = gaussian.eps_from_x0(x0, x_t, logsnr)
   return x0, eps
 
@@ -167,7 +267,9 @@ def solver_step(
   log_variance: Array | None = None,
 ) -> tuple[Array, Any]:
   """One move t → s of ``sampler`` from the denoised (x̂0, ε̂) at t; ``aux`` is the multistep
-  history (``(x̂0_prev, h_prev)`` for DPM-Solver++, ``()`` otherwise), ``first`` restarts it.
+  history (``(x̂0_prev, h_prev)`` for DPM-Solver++(2M) and its SDE,
+  ``((x̂0_prev, x̂0_prev2), (h_prev, h_prev2), count)`` for 3M, ``()`` otherwise), ``first``
+  restarts it. ``noise``: the step's draw (ancestral, DDIM η > 0, 2M SDE).
   ``log_variance``: a learned variance for the ancestral step (ignored by the others).
 
   Returns:
@@ -177,23 +279,40 @@ def solver_step(
     return ancestral_step(x_t, x0, logsnr_t, logsnr_s, noise, log_variance), aux
   if sampler == "ddim":
     return ddim_step(x0, eps, logsnr_t, logsnr_s, noise if eta > 0 else None, eta), aux
+  if sampler == "dpmpp_3m":
+    (m1, m2), (h0, h1), count = aux
+    count = jnp.where(first, 0, count)  # previous x̂0s held: 0, 1 or 2
+    x0s = (x0, m1.astype(x0.dtype), m2.astype(x0.dtype))
+    x_s, h = dpmpp_3m_step(x_t, x0s, logsnr_t, logsnr_s, (h0, h1), count + 1)
+    new_count = jnp.minimum(count + 1, 2)
+    return x_s, ((x0.astype(m1.dtype), m1), (h, h0), new_count)
   x0_prev, h_prev = aux
-  x_s, h = dpmpp_2m_step(x_t, x0, x0_prev, logsnr_t, logsnr_s, h_prev, first)
+  if sampler == "dpmpp_2m_sde":
+    x_s, h = dpmpp_2m_sde_step(x_t, x0, x0_prev, logsnr_t, logsnr_s, h_prev, first, noise)
+  else:
+    x_s, h = dpmpp_2m_step(x_t, x0, x0_prev, logsnr_t, logsnr_s, h_prev, first)
   return x_s, (x0.astype(x0_prev.dtype), h)
 
 
 def initial_aux(sampler: str, x: Array) -> Any:
   """The empty multistep history of ``sampler`` for states like ``x``."""
-  if sampler == "dpmpp_2m":
+  if sampler == "dpmpp_3m":
+    zero = jnp.zeros((), jnp.float32)
+    return (jnp.zeros_like(x), jnp.zeros_like(x)), (zero, zero), jnp.zeros((), jnp.int32)
+  if sampler in MULTISTEP_SAMPLERS:
     return (jnp.zeros_like(x), jnp.zeros((), jnp.float32))
   return ()
+
+
+def _is_stochastic(sampler: str, eta: float) -> bool:
+  return sampler in STOCHASTIC_SAMPLERS or (sampler == "ddim" and eta > 0)
 
 
 def _check_config(model_fn, x_T, rng, sampler, steps, pred_type, eta, t_start, t_end, progress_fn):
   if not callable(model_fn):
     raise ValueError(f"model_fn must be callable, got {type(model_fn).__name__}")
-  if sampler not in SAMPLERS:
-    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+  if sampler not in ALL_SAMPLERS:
+    raise ValueError(f"sampler must be one of {ALL_SAMPLERS}, got {sampler!r}")
   if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
     raise ValueError(f"steps must be an int >= 1, got {steps!r}")
   gaussian.check_pred_type(pred_type)
@@ -207,8 +326,7 @@ def _check_config(model_fn, x_T, rng, sampler, steps, pred_type, eta, t_start, t
     raise ValueError(f"x_T must have a leading batch dimension, got shape {jnp.shape(x_T)}")
   if progress_fn is not None and not callable(progress_fn):
     raise ValueError("progress_fn must be callable or None")
-  stochastic = sampler == "ancestral" or (sampler == "ddim" and eta > 0)
-  if stochastic and rng is None:
+  if _is_stochastic(sampler, eta) and rng is None:
     raise ValueError(f"rng is required for sampler={sampler!r} (eta={eta})")
 
 
@@ -237,6 +355,8 @@ def sample(
   jump: int = 1,
   threshold_max: float | None = None,
   learned_variance: bool = False,
+  spacing: str = "uniform",
+  percentile_impl: str = "auto",
 ) -> Array | tuple[Array, Any]:
   """Runs a whole sampler as one ``lax.fori_loop`` and returns x̂0.
 
@@ -245,8 +365,10 @@ def sample(
       any function (the U-Net, a CFG wrapper from :func:`classifier_free_guidance`, an oracle).
     x_T: the starting point, ``[B, ...]``: pure noise for t_start = 1, or ``q_sample`` of an
       image at t_start for img2img / SDEdit.
-    rng: PRNG key for the stochastic samplers (may be ``None`` for DDIM η = 0 and DPM++).
-    sampler: ``"ancestral"``, ``"ddim"`` or ``"dpmpp_2m"``.
+    rng: PRNG key for the stochastic samplers (may be ``None`` for DDIM η = 0 and the
+      deterministic DPM++ samplers).
+    sampler: ``"ancestral"``, ``"ddim"``, ``"dpmpp_2m"``, ``"dpmpp_3m"`` (DPM-Solver++(3M)) or
+      ``"dpmpp_2m_sde"`` (DPM-Solver++(2M) SDE, stochastic).
     steps: number of model evaluations, ≥ 1.
     schedule: the noise schedule the model was trained with (or its name).
     pred_type: what ``model_fn`` predicts: ``"eps"``, ``"x0"`` or ``"v"``.
@@ -286,6 +408,11 @@ def sample(
       a learned-range variance v (DDPM with learned Σ, Nichol & Dhariwal 2021; DeepFloyd IF).
       The ancestral sampler steps with Σ = exp(f log β + (1 − f) log β̃), f = (v + 1)/2; DDIM
       and DPM-Solver++ use the prediction only.
+    spacing: where the N steps go (:mod:`imagen_jax.diffusion.spacing`): ``"uniform"`` in t
+      (the default; diffusers' "trailing" on a discrete schedule), ``"logsnr"`` (uniform in
+      log-SNR) or ``"karras"`` (Karras et al. 2022's σ^{1/7} spacing).
+    percentile_impl: the dynamic-thresholding percentile's kernel: ``"auto"`` (by backend),
+      ``"bisect"`` or ``"sort"`` (:mod:`imagen_jax.kernels`).
 
   The model sees grid indices as ``step``: under resampling a step index repeats.
 
@@ -303,6 +430,7 @@ def sample(
   """
   _check_config(model_fn, x_T, rng, sampler, steps, pred_type, eta, t_start, t_end, progress_fn)
   check_threshold(thresholding, percentile, threshold_max)
+  check_spacing(spacing)
   if after_step is not None and state is None:
     raise ValueError("after_step needs state (it is called as after_step(step, x_next, state))")
   inpaint.check_resample(resample, jump)
@@ -326,7 +454,7 @@ def sample(
   schedule = as_schedule(schedule)
   x_T = jnp.asarray(x_T)
   batch, dtype = x_T.shape[0], x_T.dtype
-  ts = time_grid(steps, t_start, t_end)  # [N + 1]
+  ts = time_grid(steps, t_start, t_end, spacing=spacing, schedule=schedule)  # [N + 1]
   logsnrs = schedule(ts)  # [N + 1]
   path = inpaint.repaint_path(steps, resample, jump)  # [M, 2] static moves (i → j)
   moves = jnp.asarray(path)
@@ -356,12 +484,13 @@ def sample(
       pred, v = pred[..., :c], pred[..., c:]
       if sampler == "ancestral":
         log_var = learned_range_log_variance(v, logsnrs[i], logsnrs[i + 1])
-    x0, eps = denoise(pred, x, logsnrs[i], pred_type, thresholding, percentile, threshold_max)
+    x0, eps = denoise(
+      pred, x, logsnrs[i], pred_type, thresholding, percentile, threshold_max, percentile_impl
+    )
     if progress_fn is not None:
       jax.debug.callback(progress_fn, i, x0 if progress_x0 else None)
     lt, ls = logsnrs[i], logsnrs[i + 1]
-    stochastic = sampler == "ancestral" or (sampler == "ddim" and eta > 0)
-    noise = draw(jax.random.fold_in(rng, k)) if stochastic else None
+    noise = draw(jax.random.fold_in(rng, k)) if _is_stochastic(sampler, eta) else None
     x_next, aux = solver_step(sampler, x, x0, eps, aux, lt, ls, fresh, noise, eta, log_var)
     last = i == steps - 1
     x_next = jnp.where(last, x0, x_next)  # the last step returns x̂0

@@ -22,6 +22,7 @@ from imagen_jax.sample import deepfloyd
 from imagen_jax.sample.cascade import Cascade
 from imagen_jax.sample.clip_guidance import ClipGuidance
 from imagen_jax.sample.runs import Workdirs, load_run_configs
+from imagen_jax.sample.stage import SPACING_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,14 @@ _SETTING_TYPES = {
   "aug_level": float,
   "eta": float,
   "noise_scale": float,
+  "spacing": str,
 }
 # Checked here, so that a typo fails before any checkpoint is loaded (the samplers check too).
-_SETTING_CHOICES = {"sampler": diffusion.SAMPLERS, "thresholding": diffusion.THRESHOLD_MODES}
+_SETTING_CHOICES = {
+  "sampler": diffusion.ALL_SAMPLERS,
+  "thresholding": diffusion.THRESHOLD_MODES,
+  "spacing": SPACING_CHOICES,
+}
 
 
 def parse_settings(items: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -15,9 +15,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from imagen_jax import diffusion
-from imagen_jax.diffusion import SAMPLERS, THRESHOLD_MODES
+from imagen_jax import diffusion, kernels
+from imagen_jax.diffusion import ALL_SAMPLERS, SPACINGS, THRESHOLD_MODES
 from imagen_jax.diffusion.inpaint import check_resample
+
+SPACING_CHOICES = ("auto", *SPACINGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +27,8 @@ class SamplerSettings:
   """Per-stage sampling settings.
 
   Attributes:
-    sampler: ``ancestral`` (Imagen's), ``ddim`` or ``dpmpp_2m`` (DPM-Solver++(2M)).
+    sampler: ``ancestral`` (Imagen's), ``ddim``, ``dpmpp_2m`` (DPM-Solver++(2M)),
+      ``dpmpp_3m`` or ``dpmpp_2m_sde`` (:data:`imagen_jax.diffusion.ALL_SAMPLERS`).
     steps: number of denoising steps.
     guidance: classifier-free guidance weight w (Imagen eq. 2; 1 = no guidance).
     thresholding: ``none``, ``static`` or ``dynamic`` (Imagen §2.3).
@@ -38,6 +41,13 @@ class SamplerSettings:
       SR stage; 1 = the prior).
     threshold_max: dynamic thresholding's cap on its scale s (DeepFloyd IF: 1.5, with
       ``percentile=95``); None = no cap (Imagen).
+    spacing: where the steps go: ``uniform`` in t, ``logsnr``, ``karras``
+      (:mod:`imagen_jax.diffusion.spacing`) or ``auto``: uniform in log-SNR for the DPM-Solver++
+      samplers (they keep a narrow mode's spread from 20-25 steps, where a uniform grid needs
+      ~130; bench/RESULTS.md "Step spacing"), uniform in t for the others (DDIM is best there;
+      the ancestral sampler's grid is DeepFloyd IF's).
+    percentile_impl: the dynamic-thresholding percentile's kernel (``auto``, ``bisect``,
+      ``sort``; :mod:`imagen_jax.kernels`).
   """
 
   sampler: str = "dpmpp_2m"
@@ -51,10 +61,15 @@ class SamplerSettings:
   jump: int = 1
   noise_scale: float = 1.0
   threshold_max: float | None = None
+  spacing: str = "auto"
+  percentile_impl: str = kernels.AUTO
 
   def __post_init__(self):
-    if self.sampler not in SAMPLERS:
-      raise ValueError(f"sampler={self.sampler!r}; choose one of {SAMPLERS}")
+    if self.sampler not in ALL_SAMPLERS:
+      raise ValueError(f"sampler={self.sampler!r}; choose one of {ALL_SAMPLERS}")
+    if self.spacing not in SPACING_CHOICES:
+      raise ValueError(f"spacing={self.spacing!r}; choose one of {SPACING_CHOICES}")
+    kernels.check_choice("percentile", self.percentile_impl, "percentile_impl")
     if self.thresholding not in THRESHOLD_MODES:
       raise ValueError(f"thresholding={self.thresholding!r}; choose one of {THRESHOLD_MODES}")
     if int(self.steps) < 1:
@@ -70,6 +85,13 @@ class SamplerSettings:
       raise ValueError(f"noise_scale must be > 0, got {self.noise_scale}")
     if self.threshold_max is not None and not self.threshold_max >= 1.0:
       raise ValueError(f"threshold_max must be >= 1 or None, got {self.threshold_max}")
+
+  @property
+  def grid_spacing(self) -> str:
+    """The spacing the sampler runs with (``auto`` resolved by sampler)."""
+    if self.spacing != "auto":
+      return self.spacing
+    return "logsnr" if self.sampler.startswith("dpmpp") else "uniform"
 
   @classmethod
   def from_config(cls, cfg: Any) -> SamplerSettings:
@@ -234,6 +256,8 @@ def make_stage_sampler(
       thresholding=settings.thresholding,
       percentile=settings.percentile,
       threshold_max=settings.threshold_max,
+      percentile_impl=settings.percentile_impl,
+      spacing=settings.grid_spacing,
       learned_variance=learned_variance,
       eta=settings.eta,
       t_start=t_start,
@@ -298,6 +322,7 @@ def make_stage_inverter(
       steps=int(settings.steps),
       schedule=schedule,
       pred_type=pred_type,
+      spacing=settings.grid_spacing,
       return_trajectory=True,
     )
 
@@ -339,6 +364,7 @@ def make_null_text_optimizer(
       pred_type=pred_type,
       thresholding=settings.thresholding,
       percentile=settings.percentile,
+      spacing=settings.grid_spacing,
       inner_steps=inner_steps,
       learning_rate=learning_rate,
     )

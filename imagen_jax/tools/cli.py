@@ -14,6 +14,9 @@ line between the two:
 
 ``IMAGEN_JAX_DEBUG=1`` or ``--debug`` re-raises every exception (full traceback).
 
+The programs also share their persistent compilation cache setup
+(:func:`enable_compilation_cache`, the ``--compilation_cache`` flag).
+
   if __name__ == "__main__":
     cli.run_tool(main)      # an argparse tool: main(argv) -> exit code
     cli.run_absl(main)      # an absl program: app.run(main)
@@ -21,6 +24,7 @@ line between the two:
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import types
@@ -28,6 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import jax
 from absl import app, flags
 
 from imagen_jax import config as config_lib
@@ -35,6 +40,8 @@ from imagen_jax import config as config_lib
 DEBUG_ENV = "IMAGEN_JAX_DEBUG"
 DEBUG_HELP = f"show the full traceback of every error (or set {DEBUG_ENV}=1)"
 USAGE_EXIT_CODE = 2  # what argparse exits with on a bad argument; every tool does the same
+
+log = logging.getLogger(__name__)
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 _USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
@@ -193,3 +200,87 @@ def load_config_flag(spec: str, flag: str = "--config", value: str | None = None
     if not message.startswith(flag):
       message = f"{flag}={spec if value is None else value}: {message}"
     raise ValueError(message) from None
+
+
+COMPILATION_CACHE_HELP = (
+  "Persistent XLA compilation cache directory (a second run loads its compiled programs instead "
+  "of compiling them), or 'none' to turn it off. Default: $JAX_COMPILATION_CACHE_DIR if set, else "
+  "$XDG_CACHE_HOME/imagen_jax/jax (~/.cache/imagen_jax/jax); <workdir>/.jax_cache with "
+  "--multihost."
+)
+_CACHE_OFF = ("", "none")
+# Cache every program, not only those over JAX's 1 s compile-time default: on CPU most of a small
+# run's start-up is many sub-second compiles. A JAX_* environment variable still wins.
+_CACHE_THRESHOLDS = {
+  "jax_persistent_cache_min_compile_time_secs": 0.0,
+  "jax_persistent_cache_min_entry_size_bytes": -1,  # -1: no size floor (JAX's own quick start)
+}
+
+
+def default_compilation_cache_dir() -> str:
+  """``$XDG_CACHE_HOME/imagen_jax/jax``, ``~/.cache/imagen_jax/jax`` without it.
+
+  A per-user cache directory, not the run's workdir: the cache is keyed by program, JAX version
+  and devices, not by run, so a new workdir, a resumed run and ``sample.py`` all reuse it, as
+  Hugging Face users know from ``~/.cache/huggingface`` and MaxText users from its default
+  ``jax_cache_dir: ~/jax_cache``. It is also private: JAX trusts its cache (a writable cache runs
+  code), and a workdir is often shared storage.
+  """
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "imagen_jax", "jax")
+
+
+def enable_compilation_cache(path: str | None, *, shared_dir: str | None = None) -> str | None:
+  """Turns JAX's persistent compilation cache on (or off) for this process.
+
+  Call it before the first compilation: JAX opens its cache once, at the first compile.
+
+  Args:
+    path: the ``--compilation_cache`` flag: a directory; ``"none"`` (or ``""``, as MaxText's
+      ``jax_cache_dir=``) to turn the cache off; ``None`` for the default: JAX's own setting
+      (``JAX_COMPILATION_CACHE_DIR``) if any, else ``shared_dir``, else
+      :func:`default_compilation_cache_dir`.
+    shared_dir: the default of a multi-process run: a directory every process reads, such as the
+      workdir's ``.jax_cache``. Only process 0 writes the cache, so per-host directories would
+      leave every other host compiling.
+
+  Returns:
+    The cache directory in use, or ``None`` when the cache is off.
+
+  Raises:
+    ValueError: ``path`` is given and cannot be created or written.
+  """
+  if path is not None and path.strip().lower() in _CACHE_OFF:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  given = path is not None
+  if not given:
+    path = jax.config.jax_compilation_cache_dir or shared_dir or default_compilation_cache_dir()
+  if "://" not in path:  # a local path (remote ones, gs://..., go to JAX as they are)
+    path = os.path.abspath(os.path.expanduser(path))
+    if not _writable(path):
+      if given:
+        raise ValueError(
+          f"--compilation_cache={path}: cannot create or write that directory; pass another "
+          "or --compilation_cache=none"
+        )
+      log.warning("No compilation cache: %s is not writable (set --compilation_cache=DIR)", path)
+      jax.config.update("jax_enable_compilation_cache", False)
+      return None
+  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  for name, value in _CACHE_THRESHOLDS.items():
+    if name.upper() not in os.environ:
+      jax.config.update(name, value)
+  log.info("Compilation cache: %s", path)
+  return path
+
+
+def _writable(path: str) -> bool:
+  """Whether ``path`` is a writable directory or could be made one (nothing is created)."""
+  while not os.path.exists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      return False
+    path = parent
+  return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)

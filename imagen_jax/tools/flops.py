@@ -329,6 +329,8 @@ def t5_flops(config: T5Config, batch: int, length: int) -> int:
 
 # Dense (no 2:4 sparsity) peak FLOP/s per device by ``jax.Device.device_kind`` substring, per dtype.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
+  # The first key contained in the device kind wins: PCIe before the SXM default.
+  "H100 PCIe": {"bfloat16": 756.0, "float32": 378.0},
   "H100": {"bfloat16": 989.0, "float32": 494.0},  # SXM; float32 = TF32 tensor cores
   "H200": {"bfloat16": 989.0, "float32": 494.0},
   "A100": {"bfloat16": 312.0, "float32": 156.0},

@@ -12,6 +12,7 @@ checked (and every input image read) before a checkpoint is loaded, and a mistak
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -56,15 +57,15 @@ _OUTDIR = flags.DEFINE_string(
 _SET = flags.DEFINE_multi_string(
   "set",
   [],
-  "Per-stage setting STAGE.FIELD=VALUE (sampler, steps, guidance, thresholding, "
-  "percentile, aug_level, eta), e.g. --set=sr.steps=50; STAGE may be * for all stages.",
+  "Per-stage setting STAGE.FIELD=VALUE (sampler, steps, spacing, guidance, thresholding, "
+  "percentile, aug_level, eta, noise_scale), e.g. --set=sr.steps=50; STAGE may be * for all.",
 )
 _STAGES = flags.DEFINE_list("stages", None, "Subset of stages to load (default: all).")
 _START = flags.DEFINE_string("start_stage", None, "Start at this stage (needs --init_image).")
 _INIT = flags.DEFINE_string("init_image", None, "PNG/JPEG: low-res input or img2img start.")
 _STRENGTH = flags.DEFINE_float("strength", None, "img2img strength in (0, 1].")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Largest batch per compiled call.")
-_CACHE = flags.DEFINE_string("compilation_cache", None, "Persistent XLA compilation cache dir.")
+_CACHE = flags.DEFINE_string("compilation_cache", None, cli.COMPILATION_CACHE_HELP)
 _MESH = flags.DEFINE_string(
   "mesh",
   "",
@@ -242,8 +243,14 @@ def main(argv: list[str]) -> None:
   mesh = sharding.parse_mesh(_MESH.value) or None
   given = {n: flags.FLAGS[n].value for n in image_cli.FLAGS if flags.FLAGS[n].present}
   op = image_cli.check_flags(given)
-  if _MULTIHOST.value or _COORDINATOR.value:
+  multihost = bool(_MULTIHOST.value or _COORDINATOR.value)
+  if multihost:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  # Before anything compiles (a --clip CLIP load too): JAX opens its cache at the first compile.
+  shared = None
+  if multihost and not _IF_DIRS.value:
+    shared = os.path.join(_WORKDIR.value[0], ".jax_cache")
+  cli.enable_compilation_cache(_CACHE.value, shared_dir=shared)
   edit = _edit_settings()
   guide = _clip_guidance(op, edit)
   if_args = _if_args()
@@ -252,7 +259,6 @@ def main(argv: list[str]) -> None:
     settings=settings,
     stages=_STAGES.value,
     max_batch=_MAX_BATCH.value,
-    compilation_cache=_CACHE.value,
     mesh=mesh,
     **if_args,
   )

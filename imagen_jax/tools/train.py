@@ -8,6 +8,10 @@
 overridden with ``--config.a.b=value``. The config is loaded, its overrides checked against its
 fields, and it is validated before any device, model or compilation: a mistake is reported at
 once, as one ``error: ...`` line (:mod:`imagen_jax.tools.cli`).
+
+Compiled programs go to a persistent cache (``--compilation_cache``, default
+``~/.cache/imagen_jax/jax``; :func:`imagen_jax.tools.cli.enable_compilation_cache`), so a second
+run, a resume or a new workdir with the same config starts without recompiling.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ _MULTIHOST = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CACHE = flags.DEFINE_string("compilation_cache", None, cli.COMPILATION_CACHE_HELP)
 flags.DEFINE_bool("debug", False, cli.DEBUG_HELP)
 
 _CONFIG_FLAG = "--config"
@@ -152,8 +157,12 @@ def main(argv: list[str]) -> None:
   # Orbax and Grain log every file operation at INFO: keep absl at WARNING, ours at INFO.
   absl_logging.set_verbosity(absl_logging.WARNING)
   log.setLevel(logging.INFO)
-  if _MULTIHOST.value or _COORDINATOR.value:
+  multihost = bool(_MULTIHOST.value or _COORDINATOR.value)
+  if multihost:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  # Before anything compiles: JAX opens its cache at the first compilation.
+  shared = os.path.join(_WORKDIR.value, ".jax_cache") if multihost else None
+  cli.enable_compilation_cache(_CACHE.value, shared_dir=shared)
   log.info(
     "JAX %s: process %d/%d, %d local / %d global devices (%s)",
     jax.__version__,

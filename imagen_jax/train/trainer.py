@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import time
 from typing import Any
 
@@ -91,8 +92,7 @@ def train_and_evaluate(
   summaries = {}
   for name in config_lib.selected_stages(config):
     summaries[name] = train_stage(config, name, workdir, text, mesh=mesh, rules=rules)
-  if jax.process_index() == 0:
-    _print_summary(workdir, summaries)
+  print_summary(workdir, summaries)
   return summaries
 
 
@@ -224,6 +224,7 @@ def train_stage(
     "evals": results,
     "stage_dir": stage_dir,
     "checkpoints": os.path.join(stage_dir, "checkpoints"),
+    "prompts": list(evaluator.prompts),
   }
 
 
@@ -306,14 +307,64 @@ class _StageEvaluator:
     return results
 
 
-def _print_summary(workdir: str, summaries: dict) -> None:
-  print(f"\nTraining finished. Workdir: {workdir}")
+def print_summary(workdir: str, summaries: dict[str, dict]) -> None:
+  """Prints :func:`summary_text` on process 0 (the only one that prints)."""
+  if jax.process_index() == 0:
+    print(summary_text(workdir, summaries), flush=True)
+
+
+def summary_text(
+  workdir: str, summaries: dict[str, dict], *, sample_command: str = "python sample.py"
+) -> str:
+  """What a finished run reports: each stage's step, loss and files, the final stage's evals, and
+  the command that samples from the run (with the first eval prompt).
+
+  Args:
+    workdir: the run directory.
+    summaries: :func:`train_and_evaluate`'s result (stage name → summary), in training order.
+    sample_command: how to invoke the sampler (``imagen-jax-sample`` when installed).
+
+  Returns:
+    The text, without a trailing newline.
+  """
+  lines = [f"\nTraining finished. Workdir: {workdir}"]
   for name, s in summaries.items():
     loss = s["metrics"].get("loss", float("nan"))
     align = s["evals"].get("eval/alignment")
     extra = f", alignment {align:.3f}" if align is not None else ""
-    print(f"  {name}: step {s['step']}, loss {loss:.4f}{extra}")
-    print(f"    checkpoints: {s['checkpoints']}")
+    lines.append(f"  {name}: step {s['step']}, loss {loss:.4f}{extra}")
+    lines.append(f"    checkpoints: {s['checkpoints']}")
     if s["evals"].get("grid"):
-      print(f"    sample grid: {s['evals']['grid']}")
-  print(f"Sample from it:  python sample.py --workdir={workdir}")
+      lines.append(f"    sample grid: {s['evals']['grid']}")
+  if summaries:
+    name, last = list(summaries.items())[-1]
+    reached = _final_scores(last["evals"])
+    if reached:
+      lines.append(f"Final stage {name}, step {last['step']}: {reached}")
+  command = f"{sample_command} --workdir={shlex.quote(workdir)}"
+  prompts = [s.get("prompts") for s in summaries.values() if s.get("prompts")]
+  if prompts:
+    command += f" --prompt={shlex.quote(prompts[-1][0])}"
+  lines.append(f"Sample from it:  {command}")
+  return "\n".join(lines)
+
+
+_HEADLINES = {"single_object_alignment": "single-object alignment", "alignment": "alignment"}
+
+
+def _final_scores(evals: dict[str, Any]) -> str | None:
+  """A stage's final evals in one phrase: on ``shapes`` its single-object alignment (the demo's
+  headline number; all-prompt alignment without single-object prompts), else every score."""
+  for key, label in _HEADLINES.items():
+    value = evals.get(f"eval/{key}")
+    if value is not None and np.isfinite(value):
+      chance = evals.get(f"eval/chance_{key}")
+      vs = f" (chance {chance:.3f})" if chance is not None and np.isfinite(chance) else ""
+      return f"{label} {value:.3f}{vs}"
+  skip = ("eval/chance_", "eval/num_", "eval/unparsed")
+  scores = {
+    k.removeprefix("eval/"): v
+    for k, v in evals.items()
+    if k.startswith("eval/") and not k.startswith(skip) and isinstance(v, (int, float))
+  }
+  return ", ".join(f"{k} {v:.4g}" for k, v in sorted(scores.items())) or None
