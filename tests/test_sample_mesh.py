@@ -46,7 +46,10 @@ def workdir():
 @pytest.fixture(scope="module")
 def mesh_images(workdir, tmp_path_factory):
   out = tmp_path_factory.mktemp("mesh_images")
-  _run([sys.executable, str(ROOT / "tests" / "sample_mesh_worker.py"), str(workdir), str(out)], 8)
+  # ~15 compiled cascades on 8 simulated devices: 6-7 minutes on 2 idle cores with a cold
+  # compilation cache, more beside another test worker.
+  worker = [sys.executable, str(ROOT / "tests" / "sample_mesh_worker.py"), str(workdir), str(out)]
+  _run(worker, 8, timeout=1800)
 
   def load(case):
     with np.load(out / f"{case}.npz") as z:
