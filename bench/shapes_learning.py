@@ -5,7 +5,8 @@
 
 Trains the stages one after another, prints wall time per stage and the final EMA alignment
 metrics (pixel evaluator, the config's eval prompts; SR stages are scored on real low-res renders
-of those prompts) with their chance levels, and appends them with the machine description to
+of those prompts, and the "cascade" row scores the final stage on the base's own samples, as
+sample.py runs it) with their chance levels, and appends them with the machine description to
 bench/results.jsonl.
 """
 
@@ -57,7 +58,12 @@ def main() -> None:
   print(f"\nconfigs/shapes.py:{args.arg}  wall {wall / 60:.1f} min  workdir {workdir}")
   result = {"bench": "shapes_learning", "config": f"shapes:{args.arg}", "wall_s": round(wall, 1)}
   chance = {}
-  for name, s in out.items():
+  rows = dict(out)
+  last = list(out)[-1]
+  if out[last].get("cascade_evals"):  # the final stage on the base's own samples
+    rows["cascade"] = {"step": out[last]["step"], "evals": out[last]["cascade_evals"]}
+    stage_wall["cascade"] = 0.0  # included in the final stage's wall time
+  for name, s in rows.items():
     ev = s["evals"]
     chance = chance or {k: ev.get("eval/chance_" + k) for k in KEYS if "eval/chance_" + k in ev}
     print(

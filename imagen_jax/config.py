@@ -150,6 +150,10 @@ def run_config(**overrides: Any) -> ml_collections.ConfigDict:
       # of samples to be meaningful: raise the stage's num_eval_samples accordingly.
       fid=dict(inception="", ref_stats="", batch_size=32),
       grid=dict(max_images=16, tile=128),
+      # After the last stage of stage_order is trained: sample the final stage's eval prompts
+      # through the whole cascade (each stage on the previous stage's samples, as sample.py
+      # does) and score them: the numbers a user of the cascade gets ("cascade/..." metrics).
+      cascade=True,
     )
   )
   c.update(overrides)

@@ -97,6 +97,19 @@ def test_summary_reports_the_final_single_object_alignment_and_the_sample_comman
     "--prompt='a large black square at the bottom right'"
   )
   assert "    sample grid: /runs/x/sr/samples/samples_ema_00000200.png" in lines
+  assert not any("whole cascade" in line for line in lines)
+  # With the whole-cascade eval (config.evals.cascade), its score and grid follow.
+  sr = _summary(200, shapes)
+  sr["cascade_evals"] = {
+    **shapes,
+    "eval/single_object_alignment": 0.4,
+    "grid": "/runs/x/sr/samples/cascade_samples_00000200.png",
+  }
+  lines = trainer.summary_text("/runs/x", {"base": base, "sr": sr}).splitlines()
+  i = lines.index(
+    "Final stage sr through the whole cascade: single-object alignment 0.400 (chance 0.267)"
+  )
+  assert lines[i + 1] == "    cascade sample grid: /runs/x/sr/samples/cascade_samples_00000200.png"
 
 
 def test_summary_of_other_runs_lists_their_final_scores_or_none():

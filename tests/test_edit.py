@@ -222,11 +222,14 @@ def test_sample_py_edit_writes_grid_maps_and_metadata(workdir, tmp_path):
   meta = json.loads((tmp_path / "metadata.json").read_text())
   assert meta["prompts"] == [SRC, TGT] and meta["edit"]["edit_prompts"] == [TGT]
   assert meta["edit"]["local_blend"] == ["red", "blue"] and meta["edit"]["mode"] == "replace"
-  # Source and edit side by side (columns), one row per stage: the tile at (sr, edit) is the
-  # edit's SR image.
+  # Source and edit side by side (columns), one row per stage, each row with a caption band
+  # under it (stage names, then the prompts): the tile at (sr, edit) is the edit's SR image.
   grid = np.asarray(Image.open(paths["grid"]))
   pad, size = 2, 64
-  tile = grid[pad + (size + pad) : pad + (size + pad) + size, pad + (size + pad) :][:, :size]
+  band = (grid.shape[0] - pad) // 2 - size - pad
+  assert band > 0 and grid.shape[0] == 2 * (size + band + pad) + pad
+  top = pad + size + band + pad
+  tile = grid[top : top + size, pad + (size + pad) :][:, :size]
   np.testing.assert_array_equal(tile, np.asarray(Image.open(tmp_path / "001_sr.png")))
   assert (tmp_path / "attention_base_001.png").is_file()
   assert (tmp_path / "attention_sr_000_red.png").is_file()

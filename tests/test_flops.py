@@ -56,9 +56,12 @@ def _unet_xla_flops(cfg: UNetConfig, batch: int, length: int) -> float:
   return _xla_flops(fwd, *args)
 
 
-@pytest.mark.parametrize("preset", ["tiny_base", "tiny_sr", "tiny_sr1024"])
-def test_unet_forward_matches_xla(preset):
-  cfg = UNetConfig.from_preset(preset)
+@pytest.mark.parametrize(
+  "preset, patch_size",
+  [("tiny_base", 1), ("tiny_sr", 1), ("tiny_sr1024", 1), ("tiny_base", 2), ("tiny_sr", 2)],
+)
+def test_unet_forward_matches_xla(preset, patch_size):
+  cfg = UNetConfig.from_preset(preset, patch_size=patch_size)
   batch, length = 2, 8
   # XLA skips conv taps on the zero padding; compare like with like.
   analytic = flops.unet_flops(cfg, batch, text_length=length, count_padding=False)

@@ -81,6 +81,19 @@ def test_no_recompilation_for_new_prompts_within_a_bucket(cascade):
   assert all(v == 3 for v in after.values()), after
 
 
+def test_progress_bar_compiles_no_host_callback(cascade, capsys):
+  """The bar advances per chunk from the host: sampling with it reuses the program sampled
+  without it (a per-step host callback would be a second program, and one JAX cannot persist in
+  the compilation cache)."""
+  out = cascade(PROMPTS, seed=0, progress=False)
+  sizes = {k: f._cache_size() for k, f in cascade._samplers.items()}
+  shown = cascade(PROMPTS, seed=0, progress=True)
+  assert {k: f._cache_size() for k, f in cascade._samplers.items()} == sizes
+  np.testing.assert_array_equal(shown["sr"], out["sr"])
+  err = capsys.readouterr().err
+  assert "sample base" in err and "sample sr" in err and f"{len(PROMPTS)}/{len(PROMPTS)}" in err
+
+
 def test_negative_prompt_changes_output(cascade):
   plain = cascade(PROMPTS, seed=0, progress=False)
   neg = cascade(PROMPTS, seed=0, negative_prompts=["a black triangle"] * 2, progress=False)

@@ -35,8 +35,16 @@ def test_two_stage_demo_writes_checkpoints_metrics_events_and_grids(tmp_path):
     s.log_every = 2
     s.sample.steps = 2
   config.evals.num_prompts = 8
+  config.evals.cascade = True  # the final stage scored on the base's samples too
   out = train_and_evaluate(config, str(tmp_path))
   assert set(out) == {"base", "sr"}
+  # The whole cascade: the SR stage upsampled the base's samples of the same 8 prompts.
+  through = out["sr"]["cascade_evals"]
+  assert through["eval/num_prompts"] == 8 and 0.0 <= through["eval/alignment"] <= 1.0
+  assert Image.open(through["grid"]).size == Image.open(out["sr"]["evals"]["grid"]).size
+  last = _read_jsonl(tmp_path / "sr" / "metrics.jsonl")[-1]
+  assert last["step"] == 4 and last["cascade/alignment"] == through["eval/alignment"]
+  assert "cascade_evals" not in out["base"]  # only after the final stage
   for name in ("base", "sr"):
     stage_dir = tmp_path / name
     assert out[name]["step"] == 4

@@ -15,7 +15,7 @@ from imagen_jax.models.attention_control import (
   IdentityController,
   RecordingController,
 )
-from imagen_jax.models.unet import build_unet
+from imagen_jax.models.unet import build_unet, coordinates, depth_to_space, space_to_depth
 from imagen_jax.models.unet_config import PRESETS, UNetConfig
 
 TINY = ("tiny_base", "tiny_sr", "tiny_sr1024")
@@ -243,6 +243,39 @@ def test_presets_and_config_errors():
   policy = UNetConfig.tiny_base(remat="dots_with_no_batch_dims_saveable").remat_policy
   assert policy is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   assert UNetConfig.tiny_base(remat="block").remat_policy is None
+
+
+def test_patch_size_folds_patches_and_keeps_full_resolution():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 12, 3)), jnp.float32)
+  y = space_to_depth(x, 2)  # [2, 4, 6, 12]: each 2×2 patch, row-major, in the channels
+  assert y.shape == (2, 4, 6, 12)
+  np.testing.assert_array_equal(y[1, 2, 3], x[1, 4:6, 6:8].reshape(-1))
+  np.testing.assert_array_equal(depth_to_space(y, 2), x)
+  # The network runs at image_size / patch_size: level resolutions and attention count from it.
+  cfg = UNetConfig.tiny_sr(patch_size=2)
+  assert cfg.level_downsampling == (4, 8, 16) and cfg.cross_attn_levels == (False, True, False)
+  _, graphdef, params = _model("tiny_sr", patch_size=2)
+  assert params["stem"]["kernel"].shape[-2:] == (2 * 3 * 4, cfg.model_channels)
+  x, logsnr, text, mask, lowres, aug = _inputs(cfg)
+  assert _apply(graphdef, params, x, logsnr, text, mask, lowres, aug).shape == x.shape
+  # Coordinate channels: pixel centres in [-1, 1], folded with the image, read by the stem.
+  grid = np.asarray(coordinates((1, 4, 8, 3), jnp.float32))[0]  # [4, 8, 2]
+  np.testing.assert_allclose(grid[:, 0, 0], [-0.75, -0.25, 0.25, 0.75])  # y down the rows
+  np.testing.assert_allclose(grid[0, :, 1], np.linspace(-0.875, 0.875, 8))  # x along a row
+  cfg, graphdef, params = _model("tiny_base", coord_channels=True, patch_size=2)
+  assert params["stem"]["kernel"].shape[-2] == (3 + 2) * 4
+  x, logsnr, text, mask, _, _ = _inputs(cfg)
+  out = _apply(graphdef, params, x, logsnr, text, mask, None, None)
+  # The same weights with the stem's coordinate inputs zeroed: the coordinates change the output.
+  folded = np.arange((3 + 2) * 4) % (3 + 2) >= 3  # which folded stem inputs are coordinates
+  blind = jax.tree.map(lambda a: a, params)
+  blind["stem"]["kernel"] = params["stem"]["kernel"] * jnp.asarray(~folded)[:, None]
+  other = _apply(graphdef, blind, x, logsnr, text, mask, None, None)
+  assert float(jnp.abs(other - out).max()) > 1e-3
+  with pytest.raises(ValueError, match="patch_size must be an integer >= 1"):
+    UNetConfig.tiny_base(patch_size=0)
+  with pytest.raises(ValueError, match="not divisible"):
+    UNetConfig.tiny_base(patch_size=3)
 
 
 def test_every_weight_has_logical_names():

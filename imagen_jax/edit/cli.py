@@ -148,7 +148,7 @@ def edit_prepared(
     "edit": {"source_prompt": source_prompt, "edit_prompts": list(edit_prompts), **edit.as_dict()},
     **(meta or {}),
   }
-  grid = sample_cli.stage_grid(result.images, by_stage_rows=True)
+  grid = sample_cli.stage_grid(result.images, by_stage_rows=True, captions=result.prompts)
   paths = sample_cli.write_outputs(result.images, result.prompts, prep, outdir, meta, grid=grid)
   paths["attention"] = []
   if attention_maps and jax.process_index() == 0:

@@ -327,7 +327,8 @@ def inpaint(
     negative_prompts=None if negative_prompt is None else [negative_prompt] * n,
   )
   meta = {"seed": seed, "negative_prompt": negative_prompt, "init_image": init_image, **meta}
-  paths = sample_cli.write_outputs(out, rows, prep, outdir, meta, grid=sample_cli.stage_grid(out))
+  grid = sample_cli.stage_grid(out, captions=rows)
+  paths = sample_cli.write_outputs(out, rows, prep, outdir, meta, grid=grid)
   if outpaint is not None:
     paths["canvas"] = os.path.join(paths["outdir"], CANVAS)
     paths["mask"] = os.path.join(paths["outdir"], CANVAS_MASK)

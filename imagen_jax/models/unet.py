@@ -161,7 +161,8 @@ class UNet(nnx.Module, _Blocks):
     self.time_embed = LogSNREmbedding(mc, cfg.emb_dim, **kw)
     self.aug_embed = LogSNREmbedding(mc, cfg.emb_dim, **kw) if cfg.lowres_cond else None
     self.text = TextConditioner(cfg.text_dim, cfg.context_dim, cfg.emb_dim, cfg.pool_heads, **kw)
-    in_ch = cfg.in_channels * (2 if cfg.lowres_cond else 1)
+    p2 = cfg.patch_size**2  # channels per folded pixel
+    in_ch = (cfg.in_channels * (2 if cfg.lowres_cond else 1) + 2 * cfg.coord_channels) * p2
     self.stem = conv(in_ch, mc, 3, **kw)
     if cfg.kind == "base":
       self._build_adm(cfg, kw)
@@ -170,7 +171,7 @@ class UNet(nnx.Module, _Blocks):
     self.out_norm = group_norm(
       mc, cfg.num_groups, rngs=rngs, param_dtype=cfg.weight_dtype, impl=cfg.norm_impl
     )
-    self.out_conv = conv(mc, cfg.out_channels, 3, zero=True, **kw)
+    self.out_conv = conv(mc, cfg.out_channels * p2, 3, zero=True, **kw)
 
   # ----------------------------------------------------------------------------------------------
   # Construction.
@@ -271,13 +272,17 @@ class UNet(nnx.Module, _Blocks):
         lowres = jax.image.resize(lowres.astype(jnp.float32), (b, hgt, wid, c), "bilinear")
       x = jnp.concatenate([x.astype(dtype), lowres.astype(dtype)], axis=-1)  # [B, H, W, 2C]
       emb = emb + self.aug_embed(aug_logsnr)
-    h = constrain(self.stem(x.astype(dtype)), ACT_BHWC)  # [B, H, W, mc]
+    if cfg.coord_channels:
+      x = jnp.concatenate([x.astype(dtype), coordinates(x.shape, dtype)], axis=-1)  # [.., C + 2]
+    x = space_to_depth(x.astype(dtype), cfg.patch_size)  # [B, H/p, W/p, p²·C]
+    h = constrain(self.stem(x), ACT_BHWC)  # [B, H/p, W/p, mc]
     if cfg.kind == "base":
       h = self._forward_adm(h, emb, cond, controller)
     else:
       h = self._forward_efficient(h, emb, cond, controller)
     h = jax.nn.silu(self.out_norm(h)).astype(dtype)
-    out = self.out_conv(h).astype(jnp.float32)  # [B, H, W, out_channels]
+    out = self.out_conv(h).astype(jnp.float32)  # [B, H/p, W/p, p²·out_channels]
+    out = depth_to_space(out, cfg.patch_size)  # [B, H, W, out_channels]
     return out if controller is None else (out, controller.outputs())
 
   def _forward_adm(self, h, emb, cond, ctrl) -> jax.Array:
@@ -353,6 +358,33 @@ class UNet(nnx.Module, _Blocks):
         f"U-Net preset {name!r}: aug_logsnr (noise-augmentation level as log-SNR) must be [{b}], "
         f"got {got}"
       )
+
+
+def coordinates(shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+  """Pixel-centre coordinates ``[B, H, W, 2]`` (y, x), each in [-1, 1], for ``[B, H, W, C]``."""
+  b, h, w, _ = shape
+  ys = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h * 2.0 - 1.0
+  xs = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w * 2.0 - 1.0
+  grid = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1)  # [H, W, 2]
+  return jnp.broadcast_to(grid, (b, h, w, 2)).astype(dtype)
+
+
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+  """Folds non-overlapping p×p patches into channels: ``[B, H, W, C] → [B, H/p, W/p, p·p·C]``."""
+  if p == 1:
+    return x
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+  """The inverse of :func:`space_to_depth`: ``[B, h, w, p·p·C] → [B, h·p, w·p, C]``."""
+  if p == 1:
+    return x
+  b, h, w, c = x.shape
+  x = x.reshape(b, h, w, p, p, c // (p * p))
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * p, w * p, c // (p * p))
 
 
 def build_unet(config: UNetConfig, *, rngs: nnx.Rngs) -> UNet:

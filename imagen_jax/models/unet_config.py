@@ -76,6 +76,17 @@ class UNetConfig:
       ``"xla"``.
     norm_impl: GroupNorm computation: ``"auto"`` (ours on CPU, flax's on GPU/TPU), ``"ours"``
       (per-channel statistics, ``layers.GroupNorm``) or ``"flax"`` (``nnx.GroupNorm``'s).
+    patch_size: side of the non-overlapping patches the image (with the resized low-res input of
+      SR stages) is folded into before the stem, and unfolded from after the output conv
+      (space-to-depth, as in "simple diffusion", Hoogeboom et al. 2023): the network runs at
+      ``image_size / patch_size``, every FLOP-heavy full-resolution layer goes away, and the
+      prediction keeps full resolution. 1 = the paper's U-Nets. Level resolutions (and
+      ``attn_resolutions``) count from the folded size.
+    coord_channels: append the pixel coordinates (y, x in [-1, 1]) to the input as two extra
+      channels (CoordConv, Liu et al. 2018). Convolutions are translation equivariant and learn
+      absolute position only from the zero padding; captions that name a position ("at the top
+      left") are learned far sooner when it is an input. For stages that sample at their training
+      size (not the crop-trained 1024² stage).
   """
 
   name: str = "custom"
@@ -108,6 +119,8 @@ class UNetConfig:
   remat: str = "none"
   attention_impl: str | None = "auto"
   norm_impl: str = "auto"
+  patch_size: int = 1
+  coord_channels: bool = False
 
   def __post_init__(self) -> None:
     self._validate()
@@ -320,7 +333,7 @@ class UNetConfig:
   @property
   def level_downsampling(self) -> tuple[int, ...]:
     """Downsampling factor of each level. Efficient U-Net DBlocks downsample first (App. B.1)."""
-    first = 1 if self.kind == "base" else 2
+    first = (1 if self.kind == "base" else 2) * self.patch_size
     return tuple(first * 2**i for i in range(self.num_levels))
 
   @property
@@ -368,6 +381,8 @@ class UNetConfig:
       raise ValueError(f"{err}: kind must be one of {KINDS}, got {self.kind!r}")
     if len(self.channel_mult) != len(self.num_res_blocks):
       raise ValueError(f"{err}: channel_mult and num_res_blocks need one entry per level")
+    if not isinstance(self.patch_size, int) or self.patch_size < 1:
+      raise ValueError(f"{err}: patch_size must be an integer >= 1, got {self.patch_size!r}")
     if self.image_size % self.total_downsampling:
       raise ValueError(
         f"{err}: image_size {self.image_size} not divisible by {self.total_downsampling}"

@@ -95,7 +95,7 @@ class Cascade:
     # Every compiled batch splits evenly over the data-parallel devices (data × fsdp).
     self.batch_shards = int(np.prod([self.mesh.shape[a] for a in sharding.BATCH_AXES]))
     self._samplers: dict[tuple, Callable] = {}
-    self._progress: dict[str, Any] = {"bar": None, "callback": None, "stage": None}
+    self._progress: dict[str, Any] = {"callback": None, "stage": None}
 
   def param_shardings(self, stage: CascadeStage) -> Any:
     """Where ``stage``'s params live on this cascade's mesh (by their logical axis names)."""
@@ -291,7 +291,7 @@ class Cascade:
         (h = its ``lowres_size``). With ``strength``: img2img, the image to start
         ``start_stage`` from (h = its ``image_size``).
       strength: img2img strength in (0, 1]: the image is noised to t = strength and denoised.
-      progress: a tqdm bar per stage.
+      progress: a tqdm bar per stage, advancing per chunk of ``max_batch`` images.
       callback: ``callback(stage, step, x0_pred [N, H, W, 3])`` at every step.
       output_type: ``"np"`` (arrays) or ``"pil"`` (lists of ``PIL.Image``, see :func:`to_pil`).
       control: steers every stage's sampling (e.g. a prompt-to-prompt
@@ -364,8 +364,11 @@ class Cascade:
         put = lambda a: self._put(np.asarray(a), sharding.replicated(self.mesh))
         guided = (guided[0], {**guided[1], "shared": jax.tree.map(put, guided[1]["shared"])})
       images = []
-      bar = tqdm(total=cfg.steps, desc=f"sample {stage.name}", disable=not progress, leave=False)
-      self._progress.update(bar=bar, callback=callback, stage=stage.name)
+      # The bar advances per chunk of images, not per step: a per-step host callback would sync
+      # the device with the host at every step, and JAX does not persist programs that hold one
+      # in the compilation cache (sample.py would recompile its sampler on every run).
+      bar = tqdm(total=n, desc=f"sample {stage.name}", unit="img", disable=not progress)
+      self._progress.update(callback=callback, stage=stage.name)
       try:
         for lo in range(0, n, self.max_batch):
           hi = min(n, lo + self.max_batch)
@@ -384,11 +387,12 @@ class Cascade:
             guided,
           )
           images.append(x0)
+          bar.update(hi - lo)
           if state is not None:
             states[stage.name] = state
       finally:
         bar.close()
-        self._progress.update(bar=None, callback=None)
+        self._progress.update(callback=None)
       lowres = np.concatenate(images)
       out[stage.name] = lowres
     if output_type == "pil":
@@ -455,11 +459,11 @@ class Cascade:
   def _sampler(
     self, stage: CascadeStage, cfg: SamplerSettings, report: str | None, control: Any, guide: Any
   ) -> Callable:
-    """The jitted sampler; ``report``: None (no host callbacks), "steps" (the bar) or "x0"."""
+    """The jitted sampler; ``report``: None (no host callback) or "x0" (the user's callback)."""
     key = (stage.name, cfg, report, control, guide)
     if key not in self._samplers:
-      # Without a bar or callback no per-step host callback is compiled in: on accelerators it
-      # would sync the device with the host at every step.
+      # Without a callback no per-step host callback is compiled in: on accelerators it would
+      # sync the device with the host at every step.
       self._samplers[key] = make_stage_sampler(
         stage.model.apply,
         stage.schedule,
@@ -474,9 +478,7 @@ class Cascade:
     return self._samplers[key]
 
   def _on_step(self, step, x0):
-    bar, cb = self._progress["bar"], self._progress["callback"]
-    if bar is not None and int(step) >= bar.n:
-      bar.update(int(step) + 1 - bar.n)
+    cb = self._progress["callback"]
     if cb is not None and x0 is not None:
       cb(self._progress["stage"], int(step), np.asarray(x0))
 
@@ -538,10 +540,7 @@ class Cascade:
         for k, v in guided[1]["rows"].items()
       }
       inpaint["guide_data"] = {**guided[1]["shared"], **rows}
-    bar = self._progress["bar"]
     report = "x0" if self._progress["callback"] is not None else None
-    if report is None and bar is not None and not bar.disable:
-      report = "steps"
     static, data = None, None
     if control is not None:
       static, data = control.for_stage(stage, cfg, bucket)

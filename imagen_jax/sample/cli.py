@@ -340,7 +340,8 @@ def run(
     "strength": strength,
     "clip_guidance": guide.describe() if guide is not None else None,
   }
-  return write_outputs(out, all_prompts, prep, outdir, meta, grid=stage_grid(out))
+  grid = stage_grid(out, captions=all_prompts)
+  return write_outputs(out, all_prompts, prep, outdir, meta, grid=grid)
 
 
 def write_outputs(
@@ -401,16 +402,37 @@ def write_outputs(
   return {"outdir": outdir, "grid": grid_path, "images": files}
 
 
-def stage_grid(out: dict[str, np.ndarray], *, by_stage_rows: bool = False) -> np.ndarray:
+def stage_grid(
+  out: dict[str, np.ndarray],
+  *,
+  by_stage_rows: bool = False,
+  captions: Sequence[str] | None = None,
+) -> np.ndarray:
   """Every stage upscaled (nearest) to the last size; one row per image and one column per
-  stage, or (``by_stage_rows``: edits side by side) one row per stage, one column per image."""
+  stage, or (``by_stage_rows``: edits side by side) one row per stage, one column per image.
+
+  Args:
+    out: stage name → images ``[N, h, w, 3]``, in cascade order.
+    by_stage_rows: the layout (see above).
+    captions: N texts (the prompts), printed under the final stage's tiles; the other stages'
+      tiles are labelled with the stage's name and size.
+  """
   size = max(x.shape[1] for x in out.values())
   cols = []
   for images in out.values():
     k = size // images.shape[1]
     cols.append(np.repeat(np.repeat(metrics.to_uint8(images), k, axis=1), k, axis=2))
+  labels = None
+  if captions is not None:
+    last = list(out)[-1]
+    labels = [
+      list(captions) if name == last else [f"{name} {x.shape[1]}²"] * len(x)
+      for name, x in out.items()
+    ]  # [stages][N]
   if by_stage_rows:
     tiles = np.concatenate(cols)  # [stages * N, S, S, 3]
-    return metrics.image_grid(tiles, ncols=cols[0].shape[0])
+    flat = None if labels is None else [c for row in labels for c in row]
+    return metrics.image_grid(tiles, ncols=cols[0].shape[0], captions=flat)
   tiles = np.stack(cols, axis=1).reshape((-1, size, size, 3))  # [N * stages, S, S, 3]
-  return metrics.image_grid(tiles, ncols=len(out))
+  flat = None if labels is None else [c for per_image in zip(*labels) for c in per_image]
+  return metrics.image_grid(tiles, ncols=len(out), captions=flat)

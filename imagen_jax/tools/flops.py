@@ -248,12 +248,14 @@ def unet_flops_breakdown(
     if low != size:
       n.resize(b, in_ch, low, low, size, size)
     in_ch *= 2
-  n.conv(b, size, size, in_ch, mc)  # stem
+  p = cfg.patch_size
+  size //= p  # the network runs on p×p patches folded into channels
+  n.conv(b, size, size, (in_ch + 2 * cfg.coord_channels) * p * p, mc)  # stem
   if cfg.kind == "base":
     _adm(n, cfg, b, size, length)
   else:
-    _efficient(n, cfg, b, size, length)
-  n.conv(b, size, size, mc, cfg.out_channels)  # output conv
+    _efficient(n, cfg, b, size * p, length)  # level sizes from level_downsampling (includes p)
+  n.conv(b, size, size, mc, cfg.out_channels * p * p)  # output conv
   return n.result()
 
 

@@ -32,6 +32,7 @@ from imagen_jax import config as config_lib
 from imagen_jax import metrics, sharding
 from imagen_jax.evaluators import registry as eval_registry
 from imagen_jax.models.if_loading import load_if_unet
+from imagen_jax.sample.cascade import Cascade
 from imagen_jax.sample.stage import SamplerSettings, make_stage_sampler
 from imagen_jax.stage import step as step_lib
 from imagen_jax.stage.if_model import IFStageModel
@@ -92,6 +93,9 @@ def train_and_evaluate(
   summaries = {}
   for name in config_lib.selected_stages(config):
     summaries[name] = train_stage(config, name, workdir, text, mesh=mesh, rules=rules)
+  last = config.stage_order[-1]
+  if last in summaries and summaries[last]["evals"]:
+    summaries[last]["cascade_evals"] = evaluate_cascade(config, workdir, summaries[last], mesh)
   print_summary(workdir, summaries)
   return summaries
 
@@ -228,6 +232,45 @@ def train_stage(
   }
 
 
+def evaluate_cascade(
+  config: ml_collections.ConfigDict, workdir: str, final: dict, mesh: jax.sharding.Mesh
+) -> dict:
+  """Scores the whole cascade: the final stage's eval prompts through every stage in turn.
+
+  The per-stage evals score an SR stage on low-res inputs rendered from the prompts, i.e. the
+  stage alone; this is what a user of the cascade gets: each SR stage upsamples the previous
+  stage's samples, with the EMA weights of the run's checkpoints and each stage's own sampler
+  settings (``Cascade.from_workdir``, as ``sample.py`` loads them). Runs when
+  ``config.evals.cascade`` is set and the cascade has more than one stage.
+
+  Args:
+    config: the run config.
+    workdir: the run directory (every stage of ``config.stage_order`` has a checkpoint there).
+    final: the final stage's :func:`train_stage` summary (its step, prompts and stage dir).
+    mesh: the device mesh to sample on.
+
+  Returns:
+    The evaluators' scalars (``eval/...`` keys, written to the final stage's metrics as
+    ``cascade/...``) and ``grid``, the path of the captioned sample grid; {} when disabled.
+  """
+  if not config.evals.cascade or len(config.stage_order) < 2 or not final["prompts"]:
+    return {}
+  evaluators = eval_registry.build_evaluators(config.evals, config.data.source)
+  prompts = list(final["prompts"])
+  log.info("Sampling %d eval prompts through the cascade %s", len(prompts), config.stage_order)
+  cascade = Cascade.from_workdir(workdir, mesh=mesh, max_batch=len(prompts))
+  images = cascade(prompts, seed=config.seed + 1, progress=False)[config.stage_order[-1]]
+  results, pictures = eval_registry.run_evaluators(evaluators, images, prompts)
+  writer = metrics.MetricWriter(final["stage_dir"])
+  writer.write_scalars(
+    final["step"], {"cascade/" + k.removeprefix("eval/"): v for k, v in results.items()}
+  )
+  paths = writer.write_images(final["step"], {f"cascade_{k}": v for k, v in pictures.items()})
+  writer.close()
+  results["grid"] = paths.get("cascade_samples", "")
+  return results
+
+
 def _check_batch_fits_mesh(stage: Any, mesh: jax.sharding.Mesh) -> None:
   """The global (micro-)batch must split evenly over the data-parallel devices."""
   shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
@@ -341,6 +384,11 @@ def summary_text(
     reached = _final_scores(last["evals"])
     if reached:
       lines.append(f"Final stage {name}, step {last['step']}: {reached}")
+    through = _final_scores(last.get("cascade_evals") or {})
+    if through:
+      lines.append(f"Final stage {name} through the whole cascade: {through}")
+      if last["cascade_evals"].get("grid"):
+        lines.append(f"    cascade sample grid: {last['cascade_evals']['grid']}")
   command = f"{sample_command} --workdir={shlex.quote(workdir)}"
   prompts = [s.get("prompts") for s in summaries.values() if s.get("prompts")]
   if prompts:
