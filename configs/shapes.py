@@ -95,7 +95,8 @@ def _demo_recipe(config) -> None:
 
   - Coordinate input channels for the base (`coord_channels`): captions name a position ("at
     the top left"), and a convolutional U-Net otherwise learns absolute position only from its
-    zero padding; in 500 steps position accuracy stayed at chance (0.11) without them.
+    zero padding. Measured: no gain by step 500 (position accuracy at chance, 0.11-0.13, with
+    and without them; bench/RESULTS.md "The default demo's recipe").
   - Base self-attention at 8² only (text attention stays at 16² and 8²): self-attention at 16²
     cost 25% of the step on 2 CPU cores.
   - v-prediction, 15% two-object scenes and guidance 5 with 25 steps for the base, as in the

@@ -272,9 +272,10 @@ class UNet(nnx.Module, _Blocks):
         lowres = jax.image.resize(lowres.astype(jnp.float32), (b, hgt, wid, c), "bilinear")
       x = jnp.concatenate([x.astype(dtype), lowres.astype(dtype)], axis=-1)  # [B, H, W, 2C]
       emb = emb + self.aug_embed(aug_logsnr)
+    x = x.astype(dtype)
     if cfg.coord_channels:
-      x = jnp.concatenate([x.astype(dtype), coordinates(x.shape, dtype)], axis=-1)  # [.., C + 2]
-    x = space_to_depth(x.astype(dtype), cfg.patch_size)  # [B, H/p, W/p, p²·C]
+      x = jnp.concatenate([x, coordinates(x.shape, dtype)], axis=-1)  # [B, H, W, C + 2]
+    x = space_to_depth(x, cfg.patch_size)  # [B, H/p, W/p, p²·C]
     h = constrain(self.stem(x), ACT_BHWC)  # [B, H/p, W/p, mc]
     if cfg.kind == "base":
       h = self._forward_adm(h, emb, cond, controller)
