@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl")
 
@@ -39,7 +40,21 @@ def machine_info() -> dict:
     "device_count": jax.device_count(),
     "jax": jax.__version__,
     "flax": flax.__version__,
+    "commit": _commit(),
   }
+
+
+def _commit() -> str:
+  """The checkout's commit (short hash, ``+dirty`` with uncommitted changes), or ``unknown``: so
+  side-by-side runs of two versions of the code say which is which."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    run = lambda *a: subprocess.run(
+      ["git", "-C", root, *a], capture_output=True, text=True, check=True, timeout=10
+    ).stdout.strip()
+    return run("rev-parse", "--short", "HEAD") + ("+dirty" if run("status", "--porcelain") else "")
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
 
 
 def record(result: dict) -> None:

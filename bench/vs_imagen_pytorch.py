@@ -23,7 +23,12 @@ imagen-pytorch runs in ``bench/peer/.venv-peer`` (``bench/peer/setup.sh``) as a 
 (``bench/peer/run_peer.py``, one JSON line out) with text embeddings passed directly and
 ``HF_HUB_OFFLINE=1``; it is never imported here. Ratios are theirs / ours (>1: we are faster).
 Both sides get the same CPU thread budget (``--threads``, default 1: see ``limit_threads``).
-Appends one JSON line to bench/results.jsonl.
+
+CPU "MFU" = model FLOP/s / the peak of the cores the run is pinned to. The peak is measured in the
+same run: the best fp32 rate of an ``n × n × n`` matrix product (``--matmul_n``) in XLA and in
+torch, whichever is higher (``--peak_gflops`` sets it instead, e.g. from a datasheet). It is what
+dense fp32 arithmetic reaches on these cores, so the MFU shows each side's gap to the machine's
+limit next to the ratio. Appends one JSON line to bench/results.jsonl.
 """
 
 from __future__ import annotations
@@ -109,6 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     type=int,
     default=1,
     help="CPU threads for BOTH sides (torch.set_num_threads / XLA intra-op); 0 = library defaults",
+  )
+  p.add_argument("--matmul_n", type=int, default=2048, help="matrix size of the peak probe")
+  p.add_argument(
+    "--peak_gflops", type=float, default=0.0, help="fp32 peak of the budget (0: measure it)"
   )
   p.add_argument("--skip", default="", help="comma list of parts to skip: train,train_sr,sample")
   p.add_argument("--no_record", action="store_true")
@@ -356,6 +365,40 @@ def bench_sample(args, base, sr) -> dict:
   }
 
 
+def matmul_peak(args) -> dict:
+  """Best fp32 GFLOP/s of an n × n × n product on the run's cores, in XLA and in torch."""
+  import jax
+  import jax.numpy as jnp
+
+  n = args.matmul_n
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  dot(a, b).block_until_ready()  # compile
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    dot(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  ours = 2 * n**3 / min(times) / 1e9
+  theirs = run_peer({"task": "matmul", "n": n, "repeats": 5, **_threads(args)})
+  theirs = theirs["matmul_gflops_per_s"]
+  measured = max(ours, theirs)
+  return {
+    "matmul_n": n,
+    "xla_matmul_gflops_per_s": round(ours, 1),
+    "torch_matmul_gflops_per_s": round(theirs, 1),
+    "peak_gflops_per_s": round(args.peak_gflops or measured, 1),
+    "peak_source": "--peak_gflops" if args.peak_gflops else "best measured fp32 matmul",
+  }
+
+
+def add_mfu(part: dict, peak: float) -> None:
+  """Adds each side's model FLOP/s as a fraction of ``peak`` (GFLOP/s)."""
+  for side in ("ours", "theirs"):
+    part[f"{side}_mfu"] = round(part[f"{side}_model_gflops_per_s"] / peak, 4)
+
+
 def limit_threads(threads: int) -> None:
   """Gives both sides the same CPU budget: ``threads`` cores (call before jax is imported).
 
@@ -405,6 +448,11 @@ def main(argv=None) -> dict:
     "params": check_sizes(base, sr),
     "loadavg_1min": [_load()],
   }
+  result["peak"] = peak = matmul_peak(args)
+  print(
+    f"  fp32 {peak['matmul_n']}³ matmul: XLA {peak['xla_matmul_gflops_per_s']} GFLOP/s, torch "
+    f"{peak['torch_matmul_gflops_per_s']} GFLOP/s; MFU denominator {peak['peak_gflops_per_s']}"
+  )
   if "train" not in skip:
     result["train"] = bench_train(args, base, 1)
     result["loadavg_1min"].append(_load())
@@ -421,6 +469,9 @@ def main(argv=None) -> dict:
     sa["ours_model_gflops_per_s"] = round(flop["ours"] / sa["ours_run_s"], 1)
     sa["theirs_model_gflops_per_s"] = round(flop["theirs"] / sa["theirs_run_s"], 1)
     sa["speedup_per_flop"] = round(sa["speedup"] * flop["theirs"] / flop["ours"], 3)
+  for key in ("train", "train_sr", "sample"):
+    if key in result:
+      add_mfu(result[key], peak["peak_gflops_per_s"])
   print(f"\n{'':34s} {'imagen-jax':>12s} {'imagen-pytorch':>15s} {'ratio':>7s}")
   for key in ("train", "train_sr"):
     if key not in result:
@@ -439,6 +490,7 @@ def main(argv=None) -> dict:
       f"{'  model GFLOP/s (3 x fwd / step)':34s} {tr['ours_model_gflops_per_s']:12.1f} "
       f"{tr['theirs_model_gflops_per_s']:15.1f} {tr['speedup_per_flop']:6.2f}x"
     )
+    print(f"{'  CPU MFU':34s} {tr['ours_mfu']:12.1%} {tr['theirs_mfu']:15.1%}")
     print(
       f"{'  compile / first step (s)':34s} {tr['ours_compile_s']:12.2f} "
       f"{tr['theirs_first_step_s']:15.2f}"
@@ -450,6 +502,7 @@ def main(argv=None) -> dict:
       f"{'  model GFLOP/s':34s} {sa['ours_model_gflops_per_s']:12.1f} "
       f"{sa['theirs_model_gflops_per_s']:15.1f} {sa['speedup_per_flop']:6.2f}x"
     )
+    print(f"{'  CPU MFU':34s} {sa['ours_mfu']:12.1%} {sa['theirs_mfu']:15.1%}")
     print(
       f"{'  compile / first run (s)':34s} {sa['ours_compile_s']:12.2f} "
       f"{sa['theirs_first_run_s']:15.2f}"
@@ -457,7 +510,8 @@ def main(argv=None) -> dict:
   print(
     "ratio = imagen-pytorch time / imagen-jax time (>1: imagen-jax faster); medians; "
     f"threads per side: {args.threads or 'library default'}; 1-min load average during the run: "
-    f"{result['loadavg_1min']}"
+    f"{result['loadavg_1min']}; MFU = model GFLOP/s / {peak['peak_gflops_per_s']} GFLOP/s "
+    f"({peak['peak_source']}, {args.threads or 'all'} core(s))"
   )
   if not args.no_record:
     record(result)

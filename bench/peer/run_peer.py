@@ -13,7 +13,9 @@ The spec names a task and the model settings chosen by ``vs_imagen_pytorch.py``:
   train step. Warmup steps are untimed; every timed step ends with the loss on the host;
 * ``{"task": "sample", "unets": [{...}, {...}], "image_sizes", "batch", "steps", "cond_scale",
   ...}``: ``Imagen.sample`` through both stages with classifier-free guidance at ``steps`` steps
-  per stage, text embeddings passed directly. One untimed warmup run, then timed runs.
+  per stage, text embeddings passed directly. One untimed warmup run, then timed runs;
+* ``{"task": "matmul", "n", "repeats"}``: the best fp32 GFLOP/s of an ``n × n × n`` ``torch.mm``
+  on this process's cores (the denominator of the bench's CPU MFU).
 
 Prints one JSON line (the last line of stdout) with times in seconds.
 """
@@ -170,11 +172,28 @@ def task_sample(spec: dict) -> dict:
   }
 
 
+def task_matmul(spec: dict) -> dict:
+  n = int(spec["n"])
+  a, b = torch.randn(n, n), torch.randn(n, n)
+  torch.mm(a, b)  # warmup
+  times = []
+  for _ in range(int(spec["repeats"])):
+    t0 = time.perf_counter()
+    torch.mm(a, b)
+    times.append(time.perf_counter() - t0)
+  return {"matmul_gflops_per_s": 2 * n**3 / min(times) / 1e9}
+
+
 def main() -> None:
   spec = json.loads(sys.argv[1])
   if "threads" in spec:
     torch.set_num_threads(int(spec["threads"]))
-  result = {"params": task_params, "train": task_train, "sample": task_sample}[spec["task"]](spec)
+  result = {
+    "params": task_params,
+    "train": task_train,
+    "sample": task_sample,
+    "matmul": task_matmul,
+  }[spec["task"]](spec)
   result.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
   print(json.dumps(result))
 

@@ -447,6 +447,7 @@ class Attention(nnx.Module):
     site: str,
     impl: str | None = kernels.AUTO,
     norm_impl: str = kernels.AUTO,
+    position_features: int = 0,
     rngs: nnx.Rngs,
     dtype: jnp.dtype,
     param_dtype: jnp.dtype,
@@ -462,6 +463,9 @@ class Attention(nnx.Module):
     self.dtype = dtype
     self.norm = group_norm(channels, num_groups, rngs=rngs, param_dtype=param_dtype, impl=norm_impl)
     self.q = dense(channels, hidden, ("conv_in", "heads"), **kw)
+    # Absolute position of each query (Fourier features of its coordinates, zero-init projection).
+    self.position_features = position_features
+    self.q_pos = dense(position_features, hidden, zero=True, **kw) if position_features else None
     self.kv = dense(channels, 2 * hidden, ("conv_in", "heads"), **kw) if self_attention else None
     if context_dim is not None:
       # LayerNorm on the text before its K/V projection "helps considerably" (§2.5).
@@ -487,7 +491,10 @@ class Attention(nnx.Module):
     """x: [B, H, W, C]; context: [B, L, Dc]; context_mask: [B, L] bool; has_text: [B] bool."""
     b, hgt, wid, c = x.shape
     h = self.norm(x).astype(self.dtype).reshape(b, hgt * wid, c)  # [B, HW, C]
-    q = self._heads(self.q(h))  # [B, HW, N, Dh]
+    q = self.q(h)  # [B, HW, hidden]
+    if self.q_pos is not None:
+      q = q + self.q_pos(fourier_positions(hgt, wid, self.position_features, self.dtype))[None]
+    q = self._heads(q)  # [B, HW, N, Dh]
     keys, values, masks = [], [], []
     if self.self_attention:
       k, v = jnp.split(self._heads(self.kv(h)), 2, axis=2)
@@ -527,6 +534,17 @@ class Attention(nnx.Module):
       return fused
     parts = ([new_image.astype(jnp.float32)] if n_img else []) + [new_text.astype(jnp.float32)]
     return _attend(jnp.concatenate(parts, axis=-1) if n_img else parts[0], v)
+
+
+def fourier_positions(hgt: int, wid: int, features: int, dtype: jnp.dtype) -> jax.Array:
+  """``[H·W, features]`` sin/cos of the pixel-centre coordinates (y, x in [-1, 1]) at octave
+  frequencies π·2^k, k = 0 .. features/4 − 1."""
+  ys = (jnp.arange(hgt, dtype=jnp.float32) + 0.5) / hgt * 2.0 - 1.0
+  xs = (jnp.arange(wid, dtype=jnp.float32) + 0.5) / wid * 2.0 - 1.0
+  yx = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(hgt * wid, 2)  # [HW, 2]
+  freqs = jnp.pi * 2.0 ** jnp.arange(features // 4, dtype=jnp.float32)  # [F/4]
+  ang = (yx[:, :, None] * freqs).reshape(hgt * wid, -1)  # [HW, F/2]
+  return jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1).astype(dtype)  # [HW, F]
 
 
 class TextConditioner(nnx.Module):

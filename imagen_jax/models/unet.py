@@ -85,6 +85,7 @@ def _attention(cfg: UNetConfig, channels: int, level: int, site: str, kw: dict) 
     site=site,
     impl=cfg.attention_impl,
     norm_impl=cfg.norm_impl,
+    position_features=cfg.attention_positions,
     **kw,
   )
 
@@ -263,6 +264,7 @@ class UNet(nnx.Module, _Blocks):
     cfg = self.config
     self._check_inputs(x, logsnr, text_emb, text_mask, lowres, aug_logsnr)
     dtype = cfg.compute_dtype
+    z = x  # [B, H, W, C]: the noisy image, for the low-res prior
     ctx, pooled = self.text(text_emb, text_mask)  # [B, L, Dc], [B, E]
     cond = dict(ctx=ctx, mask=text_mask, has_text=text_mask.any(axis=-1))
     emb = self.time_embed(logsnr) + pooled  # pooled text added to the time embedding (§2.5)
@@ -284,6 +286,9 @@ class UNet(nnx.Module, _Blocks):
     h = jax.nn.silu(self.out_norm(h)).astype(dtype)
     out = self.out_conv(h).astype(jnp.float32)  # [B, H/p, W/p, p²·out_channels]
     out = depth_to_space(out, cfg.patch_size)  # [B, H, W, out_channels]
+    if cfg.output_prior != "none":
+      mean, aug = (lowres, aug_logsnr) if cfg.output_prior == "lowres" else (None, None)
+      out = output_prior(out, z, logsnr, cfg.prediction, cfg.prior_var, mean=mean, aug_logsnr=aug)
     return out if controller is None else (out, controller.outputs())
 
   def _forward_adm(self, h, emb, cond, ctrl) -> jax.Array:
@@ -359,6 +364,67 @@ class UNet(nnx.Module, _Blocks):
         f"U-Net preset {name!r}: aug_logsnr (noise-augmentation level as log-SNR) must be [{b}], "
         f"got {got}"
       )
+
+
+def output_prior(
+  out: jax.Array,
+  z: jax.Array,
+  logsnr: jax.Array,
+  prediction: str,
+  prior_var: float,
+  *,
+  mean: jax.Array | None = None,
+  aug_logsnr: jax.Array | None = None,
+) -> jax.Array:
+  """The network output ``out`` as a correction to the Gaussian posterior mean of x0.
+
+  Per pixel the prior is x0 ~ N(m, s²): m = 0 and s² = ``prior_var`` (σ_data²), or, for SR
+  stages, m = α_a·up and s² = ``prior_var`` + σ_a², centred on the upsampled low-res image ``up``
+  noised to the augmentation level a (z_a = α_a x + σ_a ε, whose linear estimate is α_a z_a).
+  Given z = α x0 + σ ε (α² + σ² = 1):
+
+    x̂0 = m + k (z − α m),         k = α s² / D,   D = α² s² + σ²   (the posterior mean)
+    x̂0 += c F,                    c = s σ / √D                     (F in posterior-std units)
+
+  so F = 0 is already the Wiener estimate (m at high noise, z/α at low noise); with m = 0 this is
+  EDM's σ_data preconditioning in VP form. Expressed as the stage's prediction, in forms that
+  stay finite as σ → 0:
+
+    ε̂ = (z − α x̂0)/σ = σ (z − α m)/D − (α s/√D) F
+    v̂ = (α z − x̂0)/σ = σ (α (1 − s²) z − m)/D − (s/√D) F
+
+  Args:
+    out: the network's output F ``[B, H, W, C]``.
+    z: the noisy image ``[B, H, W, C]``.
+    logsnr: λ of ``z`` ``[B]``.
+    prediction: ``"eps"``, ``"v"`` or ``"x0"``.
+    prior_var: the prior's variance (before augmentation), s0².
+    mean: the noise-augmented low-res image resized to ``[B, H, W, C]``, or ``None`` (m = 0).
+    aug_logsnr: λ of its augmentation ``[B]`` (with ``mean``).
+
+  Returns:
+    The prediction ``[B, H, W, C]`` float32.
+  """
+  f32 = jnp.float32
+
+  def per_image(v):  # [B] -> [B, 1, 1, 1]
+    return v.astype(f32)[:, None, None, None]
+
+  alpha2 = jax.nn.sigmoid(per_image(logsnr))  # α² = sigmoid(λ), σ² = sigmoid(−λ)
+  alpha, sigma = jnp.sqrt(alpha2), jnp.sqrt(jax.nn.sigmoid(-per_image(logsnr)))
+  z, out = z.astype(f32), out.astype(f32)
+  if mean is None:
+    m, s2 = jnp.zeros((), f32), jnp.asarray(prior_var, f32)
+  else:
+    aug_alpha2 = jax.nn.sigmoid(per_image(aug_logsnr))
+    m = jnp.sqrt(aug_alpha2) * mean.astype(f32)  # [B, H, W, C]
+    s2 = prior_var + (1.0 - aug_alpha2)  # [B, 1, 1, 1]
+  d = alpha2 * s2 + sigma**2
+  if prediction == "eps":
+    return sigma * (z - alpha * m) / d - alpha * jnp.sqrt(s2 / d) * out
+  if prediction == "v":
+    return sigma * (alpha * (1.0 - s2) * z - m) / d - jnp.sqrt(s2 / d) * out
+  return m + alpha * s2 / d * (z - alpha * m) + jnp.sqrt(s2) * sigma / jnp.sqrt(d) * out
 
 
 def coordinates(shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:

@@ -88,6 +88,22 @@ class UNetConfig:
       position ("at the top left") can read it from the input (on the shapes demo this did not
       measurably help by step 500). For stages that sample at their training size (not the
       crop-trained 1024² stage).
+    attention_positions: F > 0 adds the absolute position of every query to the queries of
+      each attention layer: F Fourier features of its coordinates (sin/cos at octave frequencies,
+      ``layers.fourier_positions``) through a zero-initialised projection, so the layer starts
+      unchanged. GroupNorm'd features carry position only weakly, and cross-attention then cannot
+      tie a word ("left", "top") to a region. 0 (the paper) = off; a multiple of 4.
+    output_prior: what the output is a correction to (``imagen_jax.models.unet.output_prior``):
+      ``"none"`` (the paper: the output is the prediction), ``"gaussian"`` (the posterior mean of
+      x0 under x0 ~ N(0, ``prior_var``) per pixel: EDM's σ_data preconditioning, Karras et al.
+      2022, in VP form) or ``"lowres"`` (SR stages: the prior is centred on the upsampled low-res
+      input, so an untrained SR stage already returns a denoised upsampling of it and training
+      learns only the detail). Either way the output conv starts at zero, so the untrained model
+      predicts the prior's posterior mean, and the output is in posterior-std units.
+    prior_var: the prior's per-pixel variance: σ_data² of the images for ``"gaussian"``, the
+      variance of the detail the low-res image lacks for ``"lowres"`` (images in [-1, 1]).
+    prediction: what the output predicts, ``"eps"``, ``"v"`` or ``"x0"``: the stage's objective
+      (set from it); ``output_prior`` needs it to express its estimate in those units.
   """
 
   name: str = "custom"
@@ -122,6 +138,10 @@ class UNetConfig:
   norm_impl: str = "auto"
   patch_size: int = 1
   coord_channels: bool = False
+  attention_positions: int = 0
+  output_prior: str = "none"
+  prior_var: float = 0.05
+  prediction: str = "eps"
 
   def __post_init__(self) -> None:
     self._validate()
@@ -408,8 +428,27 @@ class UNetConfig:
     if self.attention_impl is not None:
       kernels.check_choice("attention", self.attention_impl, f"{err}: attention_impl")
     kernels.check_choice("norm", self.norm_impl, f"{err}: norm_impl")
+    if self.prediction not in ("eps", "v", "x0"):
+      raise ValueError(f"{err}: prediction must be 'eps', 'v' or 'x0', got {self.prediction!r}")
+    ap = self.attention_positions
+    if isinstance(ap, bool) or not isinstance(ap, int) or ap < 0 or ap % 4:
+      raise ValueError(
+        f"{err}: attention_positions must be 0 (off) or a positive multiple of 4, got {ap!r}"
+      )
+    if self.output_prior not in OUTPUT_PRIORS:
+      raise ValueError(
+        f"{err}: output_prior must be one of {OUTPUT_PRIORS}, got {self.output_prior!r}"
+      )
+    if self.output_prior == "lowres" and not self.lowres_cond:
+      raise ValueError(
+        f"{err}: output_prior='lowres' needs a super-resolution model (lowres_cond=True); a base "
+        "stage has no low-res image to centre the prior on (use 'gaussian')"
+      )
+    if not self.prior_var > 0:
+      raise ValueError(f"{err}: prior_var must be > 0, got {self.prior_var!r}")
 
 
+OUTPUT_PRIORS = ("none", "gaussian", "lowres")
 PRESETS = ("base64", "sr256", "sr1024", "tiny_base", "tiny_sr", "tiny_sr1024")
 
 

@@ -40,6 +40,13 @@ def unet_config_for_stage(stage: Any, text_dim: int) -> UNetConfig:
   for k, v in list(overrides.items()):
     if isinstance(v, list):
       overrides[k] = tuple(v)
+  if overrides.get("prediction", stage.objective) != stage.objective:
+    raise ValueError(
+      f"config.stages.{stage.name}.model.prediction={overrides['prediction']!r} but the stage "
+      f"trains objective={stage.objective!r}; leave model.prediction unset (it follows the "
+      "objective)"
+    )
+  overrides["prediction"] = stage.objective
   overrides.setdefault("text_dim", int(text_dim))
   overrides.setdefault("dtype", stage.compute_dtype)
   cfg = UNetConfig.from_preset(stage.model.preset, **overrides)

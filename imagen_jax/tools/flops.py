@@ -134,6 +134,8 @@ def _attention(
   hidden = heads * head_dim
   tokens = b * res * res
   n.dense(tokens, ch, hidden)  # q
+  if cfg.attention_positions:  # query positions: once per call, broadcast over the batch
+    n.dense(res * res, cfg.attention_positions, hidden)
   keys = 0
   if self_attn:
     n.dense(tokens, ch, 2 * hidden)  # image k, v
