@@ -426,7 +426,8 @@ def stage_grid(
   if captions is not None:
     last = list(out)[-1]
     labels = [
-      list(captions) if name == last else [f"{name} {x.shape[1]}²"] * len(x)
+      # ASCII: PIL's default font has no "²".
+      list(captions) if name == last else [f"{name} {x.shape[1]}x{x.shape[2]}"] * len(x)
       for name, x in out.items()
     ]  # [stages][N]
   if by_stage_rows:
