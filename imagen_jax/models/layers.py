@@ -536,12 +536,17 @@ class Attention(nnx.Module):
     return _attend(jnp.concatenate(parts, axis=-1) if n_img else parts[0], v)
 
 
-def fourier_positions(hgt: int, wid: int, features: int, dtype: jnp.dtype) -> jax.Array:
-  """``[H·W, features]`` sin/cos of the pixel-centre coordinates (y, x in [-1, 1]) at octave
-  frequencies π·2^k, k = 0 .. features/4 − 1."""
+def pixel_coordinates(hgt: int, wid: int) -> jax.Array:
+  """Pixel-centre coordinates ``[H, W, 2]`` (y, x), each in [-1, 1], float32."""
   ys = (jnp.arange(hgt, dtype=jnp.float32) + 0.5) / hgt * 2.0 - 1.0
   xs = (jnp.arange(wid, dtype=jnp.float32) + 0.5) / wid * 2.0 - 1.0
-  yx = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(hgt * wid, 2)  # [HW, 2]
+  return jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1)
+
+
+def fourier_positions(hgt: int, wid: int, features: int, dtype: jnp.dtype) -> jax.Array:
+  """``[H·W, features]`` sin/cos of the pixel-centre coordinates (:func:`pixel_coordinates`) at
+  octave frequencies π·2^k, k = 0 .. features/4 − 1."""
+  yx = pixel_coordinates(hgt, wid).reshape(hgt * wid, 2)  # [HW, 2]
   freqs = jnp.pi * 2.0 ** jnp.arange(features // 4, dtype=jnp.float32)  # [F/4]
   ang = (yx[:, :, None] * freqs).reshape(hgt * wid, -1)  # [HW, F/2]
   return jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1).astype(dtype)  # [HW, F]

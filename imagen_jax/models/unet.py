@@ -36,6 +36,7 @@ from imagen_jax.models.layers import (
   TextConditioner,
   conv,
   group_norm,
+  pixel_coordinates,
   upsample,
 )
 from imagen_jax.models.unet_config import UNetConfig, remat_policy
@@ -264,7 +265,7 @@ class UNet(nnx.Module, _Blocks):
     cfg = self.config
     self._check_inputs(x, logsnr, text_emb, text_mask, lowres, aug_logsnr)
     dtype = cfg.compute_dtype
-    z = x  # [B, H, W, C]: the noisy image, for the low-res prior
+    z = x  # [B, H, W, C]: the noisy image, for the output prior
     ctx, pooled = self.text(text_emb, text_mask)  # [B, L, Dc], [B, E]
     cond = dict(ctx=ctx, mask=text_mask, has_text=text_mask.any(axis=-1))
     emb = self.time_embed(logsnr) + pooled  # pooled text added to the time embedding (§2.5)
@@ -406,6 +407,7 @@ def output_prior(
     The prediction ``[B, H, W, C]`` float32.
   """
   f32 = jnp.float32
+  # α, σ inline: models sit beside diffusion (one layer), so diffusion.alpha_sigma is not imported.
 
   def per_image(v):  # [B] -> [B, 1, 1, 1]
     return v.astype(f32)[:, None, None, None]
@@ -430,10 +432,7 @@ def output_prior(
 def coordinates(shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
   """Pixel-centre coordinates ``[B, H, W, 2]`` (y, x), each in [-1, 1], for ``[B, H, W, C]``."""
   b, h, w, _ = shape
-  ys = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h * 2.0 - 1.0
-  xs = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w * 2.0 - 1.0
-  grid = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1)  # [H, W, 2]
-  return jnp.broadcast_to(grid, (b, h, w, 2)).astype(dtype)
+  return jnp.broadcast_to(pixel_coordinates(h, w), (b, h, w, 2)).astype(dtype)
 
 
 def space_to_depth(x: jax.Array, p: int) -> jax.Array:
