@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument(
     "--attention_impl", default="", help="auto | xla | jax_xla | cudnn (imagen_jax.kernels)"
   )
+  parser.add_argument(
+    "--scan_blocks", choices=("on", "off"), default="", help="UNetConfig.scan_blocks override"
+  )
   parser.add_argument("--grad_accum", type=int, default=0, help="override stage.grad_accum")
   parser.add_argument("--text_length", type=int, default=0, help="default: config.text.max_length")
   parser.add_argument("--text_dim", type=int, default=0, help="default: the config's T5 width")
@@ -145,6 +148,8 @@ def main(argv=None) -> dict:
     stage.model.remat = args.remat
   if args.attention_impl:
     stage.model.attention_impl = args.attention_impl
+  if args.scan_blocks:
+    stage.model.scan_blocks = args.scan_blocks == "on"
   if args.grad_accum:
     stage.grad_accum = args.grad_accum
   t5 = flops.text_encoder_config(config.text.encoder)
@@ -179,6 +184,7 @@ def main(argv=None) -> dict:
     "grad_accum": int(stage.grad_accum),
     "dtype": dtype,
     "remat": cfg.remat,
+    "scan_blocks": cfg.scan_blocks,
     "optimizer": stage.optimizer.name,
     "text_length": text_length,
     "text_dim": text_dim,

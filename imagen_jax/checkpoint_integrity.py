@@ -105,9 +105,17 @@ def check_matches(saved: Any, target: Any, *, what: str) -> None:
     + fmt("missing from checkpoint", missing)
     + fmt("unexpected in checkpoint", extra)
     + fmt("shape mismatch", shape)
+    + (_STACKED_HINT if any("/module/" in k for k in missing + extra) else "")
     + "\n  Fix: use the config the checkpoint was trained with (its config.json is saved beside "
     "it), or start a fresh --workdir; to fine-tune from other weights use --config.init_from."
   )
+
+
+_STACKED_HINT = (
+  "\n  The U-Net's runs of blocks are stacked ('.../module/...') on one side only: the checkpoint "
+  "and the config differ in model.scan_blocks. Set it as it was when the checkpoint was saved, or "
+  "convert the weights with imagen_jax.models.unet.with_scan_blocks."
+)
 
 
 def short_error(err: BaseException) -> str:

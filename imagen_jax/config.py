@@ -235,6 +235,8 @@ def paper_config(*stages: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   c.text.dtype = "bfloat16"
   c.data.source = "folder"
   for s in stages:
+    if "scan_blocks" not in s.model:  # settable from the command line (UNetConfig.scan_blocks)
+      s.model.scan_blocks = False
     c.stages[s.name] = s
   c.stage_order = tuple(s.name for s in stages)
   return c

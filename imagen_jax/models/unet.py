@@ -23,6 +23,8 @@ output GroupNorm/SiLU/conv; the UBlock upsampling is nearest ×2 followed by its
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -39,6 +41,7 @@ from imagen_jax.models.layers import (
   pixel_coordinates,
   upsample,
 )
+from imagen_jax.models.stack import Stack
 from imagen_jax.models.unet_config import UNetConfig, remat_policy
 from imagen_jax.sharding import constrain
 
@@ -48,7 +51,8 @@ def _apply(module: nnx.Module, *args: jax.Array) -> jax.Array:
 
 
 class _Blocks:
-  """Shared per-block helpers: remat per ResBlock/attention call, as the config asks."""
+  """Shared per-block helpers: remat per ResBlock/attention call, as the config asks, and the
+  scan over a stacked run of identical blocks (``UNetConfig.scan_blocks``)."""
 
   remat: str
 
@@ -64,6 +68,46 @@ class _Blocks:
     if ctrl is not None or self.remat == "none":  # recorded values cannot leave a remat'd block
       return attn(*args, ctrl)
     return nnx.remat(_apply, policy=remat_policy(self.remat))(attn, *args)
+
+  def _scan_run(self, stack: Stack, step, h, xs=None, collect: bool = False):
+    """A stacked run as one scan (``UNetConfig.scan_blocks``); ``remat`` checkpoints each block."""
+    remat = self.remat != "none"
+    return stack.scan(step, h, xs, collect=collect, remat=remat, policy=remat_policy(self.remat))
+
+
+def _blocks(cfg: UNetConfig, blocks: list[ResBlock]) -> nnx.List | Stack:
+  """An Efficient U-Net level's res blocks: stacked when ``scan_blocks`` (and N > 1)."""
+  return Stack(blocks) if cfg.scan_blocks and len(blocks) > 1 else nnx.List(blocks)
+
+
+def _group_units(scan: bool, units: list[_Unit], runs: tuple[tuple[int, int], ...]) -> nnx.List:
+  """ADM units in order; with ``scan`` each run (``[start, stop)``, N > 1) becomes a Stack
+  labelled with its members' attention sites."""
+  if not scan:
+    return nnx.List(units)
+  items = []
+  for start, stop in runs:
+    run = units[start:stop]
+    if len(run) == 1:
+      items.append(run[0])
+    else:
+      items.append(Stack(run, labels=[u.attn.site if u.attn is not None else None for u in run]))
+  return nnx.List(items)
+
+
+def _units(item: _Unit | Stack) -> list[_Unit]:
+  """The units of a list item; a Stack's members each get their own attention site back."""
+  return _members(item) if isinstance(item, Stack) else [item]
+
+
+def _runs(keys: list) -> tuple[tuple[int, int], ...]:
+  """``[start, stop)`` ranges of consecutive equal keys: the runs of identically built units."""
+  runs, start = [], 0
+  for i in range(1, len(keys) + 1):
+    if i == len(keys) or keys[i] != keys[start]:
+      runs.append((start, i))
+      start = i
+  return tuple(runs)
 
 
 def _res_kw(cfg: UNetConfig, kw: dict) -> dict:
@@ -101,6 +145,13 @@ class _Unit(nnx.Module, _Blocks):
     h = self._attn(self.attn, self._res(self.res, h, emb), cond, ctrl)
     return self._res(self.post, h, emb) if self.post is not None else h
 
+  def plain(self, h, emb, cond):
+    """The unit without remat or controller: the body of a scanned run."""
+    h = self.res(h, emb)
+    if self.attn is not None:
+      h = self.attn(h, cond["ctx"], cond["mask"], cond["has_text"])
+    return self.post(h, emb) if self.post is not None else h
+
 
 class DBlock(nnx.Module, _Blocks):
   """Efficient U-Net DBlock (Fig. A.28): strided conv *first*, then ResBlocks, then attention."""
@@ -108,21 +159,28 @@ class DBlock(nnx.Module, _Blocks):
   def __init__(self, cfg: UNetConfig, level: int, in_ch: int, kw: dict):
     ch = cfg.channels[level]
     self.remat = cfg.remat
+    self.keep_hiddens = cfg.decoder_skips == "resblock"  # only those skips read them
     self.down = conv(in_ch, ch, 3, stride=2, **kw)
     rb = _res_kw(cfg, kw)
-    self.res = nnx.List(
-      [ResBlock(ch, ch, cfg.emb_dim, **rb) for _ in range(cfg.num_res_blocks[level])]
+    self.res = _blocks(
+      cfg, [ResBlock(ch, ch, cfg.emb_dim, **rb) for _ in range(cfg.num_res_blocks[level])]
     )
     self.attn = _attention(cfg, ch, level, f"down.{level}.attn", kw)
 
-  def __call__(self, h, emb, cond, ctrl) -> tuple[jax.Array, list[jax.Array]]:
+  def __call__(self, h, emb, cond, ctrl) -> tuple[jax.Array, list[jax.Array] | jax.Array]:
+    """Returns the block output and its res blocks' outputs (a list, or ``[N, B, H, W, C]``
+    stacked when scanned; empty when the decoder does not read them)."""
     h = constrain(self.down(h), ACT_BHWC)  # [B, H/2, W/2, C]: downsample before the convs (B.1)
-    hiddens = []
-    for block in self.res:
-      h = self._res(block, h, emb)
-      hiddens.append(h)
+    if isinstance(self.res, Stack):
+      step = lambda block, h, _: block(h, emb)
+      h, hiddens = self._scan_run(self.res, step, h, collect=self.keep_hiddens)
+    else:
+      hiddens = []
+      for block in self.res:
+        h = self._res(block, h, emb)
+        hiddens.append(h)
     h = self._attn(self.attn, h, cond, ctrl)
-    return h, hiddens
+    return h, (hiddens if self.keep_hiddens else [])
 
 
 class UBlock(nnx.Module, _Blocks):
@@ -133,8 +191,8 @@ class UBlock(nnx.Module, _Blocks):
     self.remat, self.skip_mode, self.skip_scale = cfg.remat, cfg.decoder_skips, cfg.long_skip_scale
     in_ch = 2 * ch if cfg.decoder_skips == "resblock" else ch
     rb = _res_kw(cfg, kw)
-    self.res = nnx.List(
-      [ResBlock(in_ch, ch, cfg.emb_dim, **rb) for _ in range(cfg.num_res_blocks[level])]
+    self.res = _blocks(
+      cfg, [ResBlock(in_ch, ch, cfg.emb_dim, **rb) for _ in range(cfg.num_res_blocks[level])]
     )
     self.attn = _attention(cfg, ch, level, f"up.{level}.attn", kw)
     self.up = conv(ch, out_ch, 3, **kw)
@@ -143,10 +201,18 @@ class UBlock(nnx.Module, _Blocks):
     scale = jnp.asarray(self.skip_scale, h.dtype)
     if self.skip_mode == "block":
       h = (h + skip.astype(h.dtype)) * scale  # skip connections scaled by 1/√2 (B.1)
-    for block, hid in zip(self.res, reversed(hiddens)):
-      if self.skip_mode == "resblock":
-        h = jnp.concatenate([h, hid.astype(h.dtype) * scale], axis=-1)
-      h = self._res(block, h, emb)
+    resblock_skips = self.skip_mode == "resblock"
+
+    def join(h, hid):  # [B, H, W, 2C]: with the matching DBlock res block's output
+      return jnp.concatenate([h, hid.astype(h.dtype) * scale], axis=-1) if resblock_skips else h
+
+    skips = hiddens[::-1] if resblock_skips else None  # deepest res block's output first
+    if isinstance(self.res, Stack):
+      step = lambda block, h, hid: block(join(h, hid), emb)
+      h, _ = self._scan_run(self.res, step, h, skips)
+    else:
+      for i, block in enumerate(self.res):
+        h = self._res(block, join(h, skips[i] if resblock_skips else None), emb)
     h = self._attn(self.attn, h, cond, ctrl)
     return constrain(self.up(upsample(h)), ACT_BHWC)  # [B, 2H, 2W, C']: upsample after (B.1)
 
@@ -181,17 +247,22 @@ class UNet(nnx.Module, _Blocks):
   def _build_adm(self, cfg: UNetConfig, kw: dict) -> None:
     rb = _res_kw(cfg, kw)
     ch, chans, down = cfg.model_channels, [cfg.model_channels], []
+    # Each unit's structure key: consecutive units with equal keys form a run (scan_blocks).
+    down_keys, up_keys = [], []
     for level, width in enumerate(cfg.channels):
       for _ in range(cfg.num_res_blocks[level]):
         attn = _attention(cfg, width, level, f"down.{len(down)}.attn", kw)
         down.append(_Unit(ResBlock(ch, width, cfg.emb_dim, **rb), attn, None, cfg.remat))
+        down_keys.append((level, ch, width))
         ch = width
         chans.append(ch)
       if level != cfg.num_levels - 1:  # BigGAN downsampling ResBlock
         res = ResBlock(ch, ch, cfg.emb_dim, resample="down", **rb)
         down.append(_Unit(res, None, None, cfg.remat))
+        down_keys.append((level, "down"))
         chans.append(ch)
-    self.down = nnx.List(down)
+    self.down_runs = _runs(down_keys)
+    self.down = _group_units(cfg.scan_blocks, down, self.down_runs)
     self.mid_res1 = ResBlock(ch, ch, cfg.emb_dim, **rb)
     # ADM/GLIDE middle block: self-attention, with the text when the deepest level has it.
     heads, head_dim = cfg.heads_for(ch)
@@ -216,13 +287,16 @@ class UNet(nnx.Module, _Blocks):
     for level in reversed(range(cfg.num_levels)):
       width = cfg.channels[level]
       for j in range(cfg.num_res_blocks[level] + 1):
-        res = ResBlock(ch + chans.pop(), width, cfg.emb_dim, **rb)
+        in_ch = ch + chans.pop()
+        res = ResBlock(in_ch, width, cfg.emb_dim, **rb)
         attn = _attention(cfg, width, level, f"up.{len(up)}.attn", kw)
         last = level and j == cfg.num_res_blocks[level]
         post = ResBlock(width, width, cfg.emb_dim, resample="up", **rb) if last else None
         up.append(_Unit(res, attn, post, cfg.remat))
+        up_keys.append((level, in_ch, width, bool(last)))
         ch = width
-    self.up = nnx.List(up)
+    self.up_runs = _runs(up_keys)
+    self.up = _group_units(cfg.scan_blocks, up, self.up_runs)
 
   def _build_efficient(self, cfg: UNetConfig, kw: dict) -> None:
     widths = (cfg.model_channels, *cfg.channels)
@@ -294,14 +368,27 @@ class UNet(nnx.Module, _Blocks):
 
   def _forward_adm(self, h, emb, cond, ctrl) -> jax.Array:
     hs = [h]
-    for unit in self.down:
-      h = unit(h, emb, cond, ctrl)
-      hs.append(h)
+    for item in self.down:
+      if isinstance(item, Stack) and ctrl is None:
+        step = lambda unit, h, _: unit.plain(h, emb, cond)
+        h, outs = self._scan_run(item, step, h, collect=True)  # outs: [N, B, H, W, C]
+        hs.extend(outs[i] for i in range(item.size))
+        continue
+      for unit in _units(item):
+        h = unit(h, emb, cond, ctrl)
+        hs.append(h)
     h = self._res(self.mid_res1, h, emb)
     h = self._attn(self.mid_attn, h, cond, ctrl)
     h = self._res(self.mid_res2, h, emb)
-    for unit in self.up:
-      h = unit(jnp.concatenate([h, hs.pop()], axis=-1), emb, cond, ctrl)  # ADM concat skips
+    for item in self.up:
+      units = _units(item)  # (a controller reads each attention site: stacks run unrolled)
+      skips = [hs.pop() for _ in units]  # ADM concatenates the encoder's outputs, last first
+      if isinstance(item, Stack) and ctrl is None:
+        step = lambda unit, h, skip: unit.plain(jnp.concatenate([h, skip], -1), emb, cond)
+        h, _ = self._scan_run(item, step, h, jnp.stack(skips))  # [N, B, H, W, C'] skips
+        continue
+      for unit, skip in zip(units, skips):
+        h = unit(jnp.concatenate([h, skip], axis=-1), emb, cond, ctrl)
     return h
 
   def _forward_efficient(self, h, emb, cond, ctrl) -> jax.Array:
@@ -319,11 +406,15 @@ class UNet(nnx.Module, _Blocks):
 
   def attention_sites(self) -> list[str]:
     """Names of the attention layers that see text (the controller ``site`` names)."""
-    return [
-      m.site
-      for _, m in nnx.iter_graph(self)
-      if isinstance(m, Attention) and m.context_kv is not None
-    ]
+    stacks = [(path, m) for path, m in nnx.iter_graph(self) if isinstance(m, Stack)]
+    sites = []
+    for path, m in nnx.iter_graph(self):
+      stacked = [s for p, s in stacks if path[: len(p)] == p]
+      if not isinstance(m, Attention) or m.context_kv is None:
+        continue
+      # A stack's template holds the one attention layer of all its members.
+      sites.extend(stacked[0].labels if stacked else [m.site])
+    return sites
 
   def _check_inputs(self, x, logsnr, text_emb, text_mask, lowres, aug_logsnr) -> None:
     """Static shape checks with clear errors, raised at trace time before anything is lowered."""
@@ -451,6 +542,39 @@ def depth_to_space(x: jax.Array, p: int) -> jax.Array:
   b, h, w, c = x.shape
   x = x.reshape(b, h, w, p, p, c // (p * p))
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * p, w * p, c // (p * p))
+
+
+def with_scan_blocks(model: UNet, scan: bool) -> UNet:
+  """``model`` with its runs of identical blocks stacked (``scan=True``) or unrolled, in place.
+
+  The weights are the same, only their layout changes (``UNetConfig.scan_blocks``): restore a
+  checkpoint into the layout it was saved in, convert, and save or train in the other. Weight
+  ``i`` of a stack is block ``i`` of the run. Returns ``model``, whose ``config`` follows.
+  """
+  if model.config.scan_blocks == scan:
+    return model
+
+  def flat(items) -> list:
+    return [m for item in items for m in (_members(item) if isinstance(item, Stack) else [item])]
+
+  if model.config.kind == "base":
+    model.down = _group_units(scan, flat(model.down), model.down_runs)
+    model.up = _group_units(scan, flat(model.up), model.up_runs)
+  else:
+    for block in (*model.dblocks, *model.ublocks):
+      blocks = flat(block.res) if isinstance(block.res, nnx.List) else _members(block.res)
+      block.res = Stack(blocks) if scan and len(blocks) > 1 else nnx.List(blocks)
+  model.config = dataclasses.replace(model.config, scan_blocks=scan)
+  return model
+
+
+def _members(stack: Stack) -> list[nnx.Module]:
+  """A stack's members as independent modules (unrolled layout), attention sites restored."""
+  members = [stack.member(i) for i in range(stack.size)]
+  for member, site in zip(members, stack.labels or [None] * stack.size):
+    if site is not None:
+      member.attn.site = site
+  return members
 
 
 def build_unet(config: UNetConfig, *, rngs: nnx.Rngs) -> UNet:

@@ -4,6 +4,7 @@
       --mesh data=1,fsdp=8                        # 8 simulated CPU devices
   python -m imagen_jax.tools.compile_check --config configs/sr256.py --batch 2048 --grad_accum 32
   python -m imagen_jax.tools.compile_check --config configs/base64.py --topology v5e:2x4  # libtpu
+  python -m imagen_jax.tools.compile_check --config configs/sr256.py --batch 2 --scan_blocks on
 
 Nothing is allocated: the train state and the batch are ``jax.ShapeDtypeStruct`` with their
 shardings, the step is lowered and compiled for the mesh (``config.mesh``, or ``--mesh``), and
@@ -65,11 +66,13 @@ def check_stage(
   batch_size: int | None = None,
   grad_accum: int | None = None,
   remat: str | None = None,
+  scan_blocks: bool | None = None,
 ) -> dict:
   """Compiles stage ``name``'s train step on ``mesh`` from shapes; returns per-device bytes.
 
-  ``batch_size``, ``grad_accum`` and ``remat`` override the stage's config (``remat``: the U-Net's
-  rematerialisation, ``"block"`` to recompute activations inside each block).
+  ``batch_size``, ``grad_accum``, ``remat`` and ``scan_blocks`` override the stage's config
+  (``remat``: the U-Net's rematerialisation, ``"block"`` to recompute activations inside each
+  block; ``scan_blocks``: ``UNetConfig.scan_blocks``, Imagen U-Nets only).
   """
   stage = config.stages[name]
   if batch_size:
@@ -79,6 +82,10 @@ def check_stage(
   if remat:  # IF's U-Net takes remat on/off per block
     is_if = stage.model.get("family", "imagen") == "if"
     stage.model.remat = (remat != "none") if is_if else remat
+  if scan_blocks is not None:
+    if stage.model.get("family", "imagen") == "if":
+      raise ValueError("--scan_blocks: the DeepFloyd IF U-Net has no scan_blocks option")
+    stage.model.scan_blocks = bool(scan_blocks)
   rules = config_lib.logical_rules(config)
   # The text encoder's width when it can be told offline (demo, local checkpoint, known hub
   # name), else the preset's (T5-XXL's 4096 in the paper presets).
@@ -129,6 +136,7 @@ def check_stage(
     batch=b,
     grad_accum=int(stage.grad_accum),
     remat=stage.model.get("remat", "none"),
+    scan_blocks=bool(stage.model.get("scan_blocks", False)),
     per_device_batch=b // int(stage.grad_accum) // (mesh.shape["data"] * mesh.shape["fsdp"]),
     compile_s=round(seconds, 1),
     platform=next(iter(mesh.devices.flat)).platform,
@@ -147,6 +155,7 @@ def format_report(r: dict) -> str:
     f"[{r['stage']}] {r['preset']}: {r['params']:,} params, mesh {r['mesh']} on "
     f"{r['platform']}, global batch {r['batch']} in {r['grad_accum']} micro-batches "
     f"({r['per_device_batch']} per device each), remat {r['remat']}, "
+    f"scan_blocks {r['scan_blocks']}, "
     f"compiled in {r['compile_s']} s",
     "  per device:",
   ]
@@ -163,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--batch", type=int, default=0, help="global batch override")
   parser.add_argument("--grad_accum", type=int, default=0, help="micro-batches per step override")
   parser.add_argument("--remat", default="", help="U-Net remat override: none, block, or a policy")
+  parser.add_argument(
+    "--scan_blocks", choices=("on", "off"), default="", help="UNetConfig.scan_blocks override"
+  )
   parser.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices")
   parser.add_argument("--topology", default="", help="compile for a TPU topology (libtpu)")
   parser.add_argument("--json", action="store_true", help="also print one JSON line per stage")
@@ -193,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       batch_size=args.batch or None,
       grad_accum=args.grad_accum or None,
       remat=args.remat or None,
+      scan_blocks={"on": True, "off": False}.get(args.scan_blocks),
     )
     print(format_report(report), flush=True)
     if args.json:
