@@ -1,10 +1,12 @@
-"""``UNetConfig.scan_blocks`` on this machine: compile and gradient-step time, scanned vs unrolled.
+"""``UNetConfig.scan_blocks`` on this machine: compile and gradient-step time per layout.
 
   python bench/scan_blocks.py [--preset tiny_sr] [--blocks 2,2,4] [--batch 4] [--rounds 2]
 
-Side by side in one process, alternating unrolled / scanned for ``--rounds`` rounds: the U-Net's
-gradient (``jax.grad`` of a mean-square output) with the same random weights, first call
-(compile + run) and the median of 5 steady-state calls. Then the same for a bare stack of four
+Side by side in one process, alternating for ``--rounds`` rounds: the U-Net's gradient
+(``jax.grad`` of a mean-square output) with the same random weights, per-block weights
+("unstacked") vs stacked runs applied as a ``lax.scan`` loop ("loop") or as the unrolled scan
+("unrolled", ``scan_impl``): first call (compile + run) and the median of 5 steady-state calls.
+Then the same for a bare stack of four
 3×3 convolutions (pure JAX, no imagen_jax code), with the gradient taken with respect to the
 weights and with respect to the input alone, which isolates where a scanned backward pass loses
 time on this backend. The paper-size compile times come from ``tools.compile_check
@@ -40,8 +42,9 @@ def _timed(fn, *args) -> tuple[float, float]:
   return first, statistics.median(times)
 
 
-def unet_grad(preset: str, blocks: tuple[int, ...], batch: int, scan: bool):
-  """The jitted U-Net gradient and its weights (scanned: the unrolled weights, stacked)."""
+def unet_grad(preset: str, blocks: tuple[int, ...], batch: int, impl: str):
+  """The jitted U-Net gradient and its weights (``impl`` "unstacked", or a ``scan_impl`` for
+  the same weights, stacked)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -49,8 +52,9 @@ def unet_grad(preset: str, blocks: tuple[int, ...], batch: int, scan: bool):
   from imagen_jax.models.unet import build_unet, with_scan_blocks
   from imagen_jax.models.unet_config import UNetConfig
 
-  cfg = UNetConfig.from_preset(preset, num_res_blocks=blocks)
-  model = with_scan_blocks(build_unet(cfg, rngs=nnx.Rngs(0)), scan)
+  scan_impl = "auto" if impl == "unstacked" else impl
+  cfg = UNetConfig.from_preset(preset, num_res_blocks=blocks, scan_impl=scan_impl)
+  model = with_scan_blocks(build_unet(cfg, rngs=nnx.Rngs(0)), impl != "unstacked")
   graphdef, state = nnx.split(model)
   ks = jax.random.split(jax.random.key(1), 3)
   s = cfg.image_size
@@ -107,19 +111,20 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   blocks = tuple(int(b) for b in args.blocks.split(","))
 
-  rows = {False: [], True: []}
+  impls = ("unstacked", "loop", "unrolled")
+  rows = {impl: [] for impl in impls}
   for _ in range(args.rounds):
-    for scan in (False, True):
-      fn, state = unet_grad(args.preset, blocks, args.batch, scan)
-      rows[scan].append(_timed(fn, state))
+    for impl in impls:
+      fn, state = unet_grad(args.preset, blocks, args.batch, impl)
+      rows[impl].append(_timed(fn, state))
   result = {"bench": "scan_blocks", "preset": args.preset, "num_res_blocks": blocks}
   print(f"{args.preset}, num_res_blocks {blocks}, batch {args.batch}: U-Net gradient")
-  for scan, name in ((False, "unrolled"), (True, "scanned")):
-    first = statistics.median(r[0] for r in rows[scan])
-    step = statistics.median(r[1] for r in rows[scan])
+  for name in impls:
+    first = statistics.median(r[0] for r in rows[name])
+    step = statistics.median(r[1] for r in rows[name])
     result[f"{name}_first_call_s"] = round(first, 2)
     result[f"{name}_step_ms"] = round(step * 1e3, 1)
-    print(f"  {name:9s} first call {first:6.2f} s   step {step * 1e3:8.1f} ms")
+    print(f"  {name:10s} first call {first:6.2f} s   step {step * 1e3:8.1f} ms")
   convs = conv_stack()
   result.update(convs)
   print("4 residual 3x3 convs (64 ch, 16², batch 4), gradient, median ms:")

@@ -235,8 +235,10 @@ def paper_config(*stages: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   c.text.dtype = "bfloat16"
   c.data.source = "folder"
   for s in stages:
-    if "scan_blocks" not in s.model:  # settable from the command line (UNetConfig.scan_blocks)
-      s.model.scan_blocks = False
+    # Settable from the command line (UNetConfig.scan_blocks, scan_impl).
+    for field, default in (("scan_blocks", False), ("scan_impl", "auto")):
+      if field not in s.model:
+        s.model[field] = default
     c.stages[s.name] = s
   c.stage_order = tuple(s.name for s in stages)
   return c

@@ -1,5 +1,5 @@
-"""Backend-aware kernel choices: which implementation of attention, GroupNorm and dynamic
-thresholding's percentile runs on which backend.
+"""Backend-aware kernel choices: which implementation of attention, GroupNorm, dynamic
+thresholding's percentile and stacked block runs runs on which backend.
 
 Each of these ops has a version of our own, written because it was faster on a 2-core CPU
 (``bench/RESULTS.md``), and a library op that XLA's GPU/TPU backends or cuDNN are tuned for. A
@@ -11,6 +11,7 @@ keyword (``guidance.abs_percentile(..., impl=)``) forces one; ``"auto"``, the de
   attention    xla | jax_xla | cudnn    xla       cudnn (else xla)    xla
   norm         ours | flax              ours      flax                flax
   percentile   bisect | sort            bisect    sort                sort
+  block_runs   loop | unrolled          unrolled  loop                loop
 
 * attention: ``xla`` is our heads-major einsums (``layers._xla_attention``; jax's own XLA version
   has a ~2× slower gradient on CPU), ``jax_xla`` is ``jax.nn.dot_product_attention(
@@ -24,11 +25,18 @@ keyword (``guidance.abs_percentile(..., impl=)``) forces one; ``"auto"``, the de
   ``flax`` is ``nnx.GroupNorm``'s own computation; same parameters, same outputs to 1e-5.
 * percentile: ``bisect`` is ``guidance.abs_percentile``'s sort-free bisection on the float bit
   patterns (30× faster on CPU), ``sort`` is ``jnp.percentile``; the same numbers.
+* block_runs: how a stacked run of U-Net blocks (``UNetConfig.scan_blocks``, ``scan_impl``) is
+  applied. ``loop`` is a ``lax.scan`` loop (one compiled block per run); ``unrolled`` is the same
+  scan with ``unroll=True`` (N copies of the block, as in an unstacked model). XLA's CPU backend
+  takes a slow path for a convolution's weight gradient inside a loop (5-13× slower,
+  ``bench/scan_blocks.py``), so CPUs unroll; the stacked layout still gives the optimizer one leaf
+  per weight of a run.
 
-The GPU/TPU choices for norm and percentile are **unmeasured** (no accelerator was available when
-they were written): they pick the library op on the assumption that XLA's GPU/TPU backends handle
-it well. ``bench/gpu/gpu_bench.py`` times every pair on the device so that this table can be
-confirmed or changed. A backend that is none of cpu/gpu/tpu gets the CPU column (portable code).
+The GPU/TPU choices for norm, percentile and block runs are **unmeasured** (no accelerator was
+available when they were written): they pick the library op (and the loop) on the assumption that
+XLA's GPU/TPU backends handle it well. ``bench/gpu/gpu_bench.py`` times the attention, norm and
+percentile pairs on the device so that this table can be confirmed or changed. A backend that is
+none of cpu/gpu/tpu gets the CPU column (portable code).
 """
 
 from __future__ import annotations
@@ -43,12 +51,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
   "attention": ("xla", "jax_xla", "cudnn"),
   "norm": ("ours", "flax"),
   "percentile": ("bisect", "sort"),
+  "block_runs": ("loop", "unrolled"),
 }
 # What ``AUTO`` means per backend (see the module docstring for why, and what is measured).
 AUTO_CHOICE: dict[str, dict[str, str]] = {
   "attention": {"cpu": "xla", "gpu": "cudnn", "tpu": "xla"},
   "norm": {"cpu": "ours", "gpu": "flax", "tpu": "flax"},
   "percentile": {"cpu": "bisect", "gpu": "sort", "tpu": "sort"},
+  "block_runs": {"cpu": "unrolled", "gpu": "loop", "tpu": "loop"},
 }
 # jax.default_backend() names GPUs "gpu"; platform names that may be passed in as well.
 _ALIASES = {"cuda": "gpu", "rocm": "gpu"}

@@ -30,10 +30,10 @@ except ImportError:
 @pytest.mark.parametrize(
   "backend, want",
   [
-    ("cpu", {"attention": "xla", "norm": "ours", "percentile": "bisect"}),
-    ("gpu", {"attention": "cudnn", "norm": "flax", "percentile": "sort"}),
+    ("cpu", {"attention": "xla", "norm": "ours", "percentile": "bisect", "block_runs": "unrolled"}),
+    ("gpu", {"attention": "cudnn", "norm": "flax", "percentile": "sort", "block_runs": "loop"}),
     ("cuda", {"attention": "cudnn", "norm": "flax", "percentile": "sort"}),
-    ("tpu", {"attention": "xla", "norm": "flax", "percentile": "sort"}),
+    ("tpu", {"attention": "xla", "norm": "flax", "percentile": "sort", "block_runs": "loop"}),
     ("metal", {"attention": "xla", "norm": "ours", "percentile": "bisect"}),  # unknown: CPU's
   ],
 )

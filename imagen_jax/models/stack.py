@@ -80,6 +80,7 @@ class Stack(nnx.Module):
     collect: bool = False,
     remat: bool = False,
     policy: Any = None,
+    unroll: bool = False,
   ) -> tuple[jax.Array, jax.Array | None]:
     """``h = step(member_i, h, x_i)`` for i = 0..N-1, as one ``lax.scan``.
 
@@ -89,6 +90,7 @@ class Stack(nnx.Module):
       xs: optional per-member inputs with a leading axis ``[N, ...]``.
       collect: also return every member's output, stacked ``[N, ...]``.
       remat: checkpoint each member (``jax.checkpoint`` of the body) with ``policy``.
+      unroll: emit N copies of the body instead of a loop (``kernels`` kind ``block_runs``).
 
     Returns:
       ``(h, outputs)``; ``outputs`` is None unless ``collect``.
@@ -102,7 +104,7 @@ class Stack(nnx.Module):
 
     if remat:
       body = jax.checkpoint(body, policy=policy)
-    return jax.lax.scan(body, h, (state, xs))
+    return jax.lax.scan(body, h, (state, xs), unroll=bool(unroll))
 
   def member(self, i: int) -> nnx.Module:
     """Member ``i`` as its own module: slice ``i`` of every weight, logical names as built."""

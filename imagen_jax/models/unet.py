@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imagen_jax import kernels
 from imagen_jax.models.attention_control import AttentionController
 from imagen_jax.models.layers import (
   ACT_BHWC,
@@ -55,6 +56,7 @@ class _Blocks:
   scan over a stacked run of identical blocks (``UNetConfig.scan_blocks``)."""
 
   remat: str
+  scan_impl: str  # kernels kind "block_runs"
 
   def _res(self, block: ResBlock, h: jax.Array, emb: jax.Array) -> jax.Array:
     if self.remat == "none":
@@ -71,8 +73,9 @@ class _Blocks:
 
   def _scan_run(self, stack: Stack, step, h, xs=None, collect: bool = False):
     """A stacked run as one scan (``UNetConfig.scan_blocks``); ``remat`` checkpoints each block."""
-    remat = self.remat != "none"
-    return stack.scan(step, h, xs, collect=collect, remat=remat, policy=remat_policy(self.remat))
+    remat, policy = self.remat != "none", remat_policy(self.remat)
+    unroll = kernels.resolve("block_runs", self.scan_impl, field="scan_impl") == "unrolled"
+    return stack.scan(step, h, xs, collect=collect, remat=remat, policy=policy, unroll=unroll)
 
 
 def _blocks(cfg: UNetConfig, blocks: list[ResBlock]) -> nnx.List | Stack:
@@ -158,7 +161,7 @@ class DBlock(nnx.Module, _Blocks):
 
   def __init__(self, cfg: UNetConfig, level: int, in_ch: int, kw: dict):
     ch = cfg.channels[level]
-    self.remat = cfg.remat
+    self.remat, self.scan_impl = cfg.remat, cfg.scan_impl
     self.keep_hiddens = cfg.decoder_skips == "resblock"  # only those skips read them
     self.down = conv(in_ch, ch, 3, stride=2, **kw)
     rb = _res_kw(cfg, kw)
@@ -189,6 +192,7 @@ class UBlock(nnx.Module, _Blocks):
   def __init__(self, cfg: UNetConfig, level: int, out_ch: int, kw: dict):
     ch = cfg.channels[level]
     self.remat, self.skip_mode, self.skip_scale = cfg.remat, cfg.decoder_skips, cfg.long_skip_scale
+    self.scan_impl = cfg.scan_impl
     in_ch = 2 * ch if cfg.decoder_skips == "resblock" else ch
     rb = _res_kw(cfg, kw)
     self.res = _blocks(
@@ -223,7 +227,7 @@ class UNet(nnx.Module, _Blocks):
   def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
     cfg = config
     self.config = cfg
-    self.remat = cfg.remat
+    self.remat, self.scan_impl = cfg.remat, cfg.scan_impl
     kw = dict(rngs=rngs, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
     mc = cfg.model_channels
     self.time_embed = LogSNREmbedding(mc, cfg.emb_dim, **kw)

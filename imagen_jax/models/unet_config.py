@@ -105,18 +105,20 @@ class UNetConfig:
     prediction: what the output predicts, ``"eps"``, ``"v"`` or ``"x0"``: the stage's objective
       (set from it); ``output_prior`` needs it to express its estimate in those units.
     scan_blocks: store each run of identically built blocks (an Efficient U-Net level's res
-      blocks; consecutive ADM units of one level with equal widths) stacked on a leading axis and
-      apply it as one ``jax.lax.scan`` (``imagen_jax.models.stack``; MaxText's ``scan_layers``):
-      XLA compiles one block per run, and the optimizer, EMA and norms update one leaf per weight
-      of a run instead of one per block. The paper's train steps compile 33-55% faster on CPU
+      blocks; consecutive ADM units of one level with equal widths) stacked on a leading axis
+      (``imagen_jax.models.stack``; MaxText's ``scan_layers``), so the optimizer, EMA and norms
+      update one leaf per weight of a run instead of one per block, and apply each run as one
+      ``jax.lax.scan`` (``scan_impl``). The paper's train steps compile 15-55% faster on CPU
       (bench/RESULTS.md "Compile time"). The same seed builds the same weights, stacked, and
       ``unet.with_scan_blocks`` converts a model between the layouts (checkpoints are saved in
-      the layout of the config). Without ``remat``, scanned runs keep their per-block
-      intermediates for the backward pass where XLA would otherwise fuse them away (+1.9-2.8 GiB
-      of temporaries for the SR presets at batch 2 on CPU; none with ``remat="block"``). With an
-      attention controller, stacked ADM units run one by one, so every site is seen. For
-      accelerators: on XLA's CPU backend a convolution's weight gradient inside a loop is slow,
-      and a scanned gradient step runs about 5× slower (``bench/scan_blocks.py``).
+      the layout of the config). Without ``remat``, a looped run keeps its per-block
+      intermediates for the backward pass where XLA would otherwise fuse them away (+1.9-2.8
+      GiB of temporaries for the SR presets at batch 2 on CPU; none with ``remat="block"``).
+      With an attention controller, stacked ADM units run one by one, so every site is seen.
+    scan_impl: how a stacked run is applied (:mod:`imagen_jax.kernels`, kind ``block_runs``):
+      ``"auto"`` (by backend: unrolled on CPU, a loop on GPU/TPU), ``"loop"`` (``lax.scan``, one
+      compiled block per run) or ``"unrolled"`` (the scan unrolled: N copies of the block, the
+      speed of an unstacked model; the optimizer still sees one leaf per weight of a run).
   """
 
   name: str = "custom"
@@ -156,6 +158,7 @@ class UNetConfig:
   prior_var: float = 0.05
   prediction: str = "eps"
   scan_blocks: bool = False
+  scan_impl: str = "auto"
 
   def __post_init__(self) -> None:
     self._validate()
@@ -442,6 +445,7 @@ class UNetConfig:
     if self.attention_impl is not None:
       kernels.check_choice("attention", self.attention_impl, f"{err}: attention_impl")
     kernels.check_choice("norm", self.norm_impl, f"{err}: norm_impl")
+    kernels.check_choice("block_runs", self.scan_impl, f"{err}: scan_impl")
     if self.prediction not in ("eps", "v", "x0"):
       raise ValueError(f"{err}: prediction must be 'eps', 'v' or 'x0', got {self.prediction!r}")
     ap = self.attention_positions

@@ -16,6 +16,9 @@ XLA's memory analysis gives the per-device bytes. Printed per stage, per device:
   compile approximates a GPU's; use ``--topology`` with libtpu for TPU numbers);
 * ``total``: state + batch + temporaries — compare it with the accelerator's memory.
 
+Backend choices resolve for the machine that compiles: with ``--scan_blocks on``, pass
+``--scan_impl loop`` to compile the looped runs a GPU/TPU would run (a CPU unrolls them).
+
 ``--devices N`` simulates N CPU devices (``jax_num_cpu_devices``, set before JAX starts its
 backends).
 """
@@ -67,12 +70,14 @@ def check_stage(
   grad_accum: int | None = None,
   remat: str | None = None,
   scan_blocks: bool | None = None,
+  scan_impl: str | None = None,
 ) -> dict:
   """Compiles stage ``name``'s train step on ``mesh`` from shapes; returns per-device bytes.
 
   ``batch_size``, ``grad_accum``, ``remat`` and ``scan_blocks`` override the stage's config
   (``remat``: the U-Net's rematerialisation, ``"block"`` to recompute activations inside each
-  block; ``scan_blocks``: ``UNetConfig.scan_blocks``, Imagen U-Nets only).
+  block; ``scan_blocks``: ``UNetConfig.scan_blocks``, Imagen U-Nets only), and ``scan_impl``
+  picks how stacked runs are applied (``UNetConfig.scan_impl``).
   """
   stage = config.stages[name]
   if batch_size:
@@ -86,6 +91,8 @@ def check_stage(
     if stage.model.get("family", "imagen") == "if":
       raise ValueError("--scan_blocks: the DeepFloyd IF U-Net has no scan_blocks option")
     stage.model.scan_blocks = bool(scan_blocks)
+  if scan_impl:
+    stage.model.scan_impl = scan_impl
   rules = config_lib.logical_rules(config)
   # The text encoder's width when it can be told offline (demo, local checkpoint, known hub
   # name), else the preset's (T5-XXL's 4096 in the paper presets).
@@ -137,6 +144,7 @@ def check_stage(
     grad_accum=int(stage.grad_accum),
     remat=stage.model.get("remat", "none"),
     scan_blocks=bool(stage.model.get("scan_blocks", False)),
+    scan_impl=stage.model.get("scan_impl", "auto"),
     per_device_batch=b // int(stage.grad_accum) // (mesh.shape["data"] * mesh.shape["fsdp"]),
     compile_s=round(seconds, 1),
     platform=next(iter(mesh.devices.flat)).platform,
@@ -155,7 +163,7 @@ def format_report(r: dict) -> str:
     f"[{r['stage']}] {r['preset']}: {r['params']:,} params, mesh {r['mesh']} on "
     f"{r['platform']}, global batch {r['batch']} in {r['grad_accum']} micro-batches "
     f"({r['per_device_batch']} per device each), remat {r['remat']}, "
-    f"scan_blocks {r['scan_blocks']}, "
+    f"scan_blocks {r['scan_blocks']} ({r['scan_impl']}), "
     f"compiled in {r['compile_s']} s",
     "  per device:",
   ]
@@ -175,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument(
     "--scan_blocks", choices=("on", "off"), default="", help="UNetConfig.scan_blocks override"
   )
+  parser.add_argument("--scan_impl", default="", help="UNetConfig.scan_impl: auto, loop, unrolled")
   parser.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices")
   parser.add_argument("--topology", default="", help="compile for a TPU topology (libtpu)")
   parser.add_argument("--json", action="store_true", help="also print one JSON line per stage")
@@ -206,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       grad_accum=args.grad_accum or None,
       remat=args.remat or None,
       scan_blocks={"on": True, "off": False}.get(args.scan_blocks),
+      scan_impl=args.scan_impl or None,
     )
     print(format_report(report), flush=True)
     if args.json:
