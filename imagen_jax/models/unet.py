@@ -78,9 +78,9 @@ class _Blocks:
     return stack.scan(step, h, xs, collect=collect, remat=remat, policy=policy, unroll=unroll)
 
 
-def _blocks(cfg: UNetConfig, blocks: list[ResBlock]) -> nnx.List | Stack:
-  """An Efficient U-Net level's res blocks: stacked when ``scan_blocks`` (and N > 1)."""
-  return Stack(blocks) if cfg.scan_blocks and len(blocks) > 1 else nnx.List(blocks)
+def _blocks(scan: bool, blocks: list[ResBlock]) -> nnx.List | Stack:
+  """An Efficient U-Net level's res blocks: stacked when ``scan`` (and N > 1)."""
+  return Stack(blocks) if scan and len(blocks) > 1 else nnx.List(blocks)
 
 
 def _group_units(scan: bool, units: list[_Unit], runs: tuple[tuple[int, int], ...]) -> nnx.List:
@@ -165,9 +165,8 @@ class DBlock(nnx.Module, _Blocks):
     self.keep_hiddens = cfg.decoder_skips == "resblock"  # only those skips read them
     self.down = conv(in_ch, ch, 3, stride=2, **kw)
     rb = _res_kw(cfg, kw)
-    self.res = _blocks(
-      cfg, [ResBlock(ch, ch, cfg.emb_dim, **rb) for _ in range(cfg.num_res_blocks[level])]
-    )
+    n = cfg.num_res_blocks[level]
+    self.res = _blocks(cfg.scan_blocks, [ResBlock(ch, ch, cfg.emb_dim, **rb) for _ in range(n)])
     self.attn = _attention(cfg, ch, level, f"down.{level}.attn", kw)
 
   def __call__(self, h, emb, cond, ctrl) -> tuple[jax.Array, list[jax.Array] | jax.Array]:
@@ -195,9 +194,8 @@ class UBlock(nnx.Module, _Blocks):
     self.scan_impl = cfg.scan_impl
     in_ch = 2 * ch if cfg.decoder_skips == "resblock" else ch
     rb = _res_kw(cfg, kw)
-    self.res = _blocks(
-      cfg, [ResBlock(in_ch, ch, cfg.emb_dim, **rb) for _ in range(cfg.num_res_blocks[level])]
-    )
+    n = cfg.num_res_blocks[level]
+    self.res = _blocks(cfg.scan_blocks, [ResBlock(in_ch, ch, cfg.emb_dim, **rb) for _ in range(n)])
     self.attn = _attention(cfg, ch, level, f"up.{level}.attn", kw)
     self.up = conv(ch, out_ch, 3, **kw)
 
@@ -567,7 +565,7 @@ def with_scan_blocks(model: UNet, scan: bool) -> UNet:
   else:
     for block in (*model.dblocks, *model.ublocks):
       blocks = flat(block.res) if isinstance(block.res, nnx.List) else _members(block.res)
-      block.res = Stack(blocks) if scan and len(blocks) > 1 else nnx.List(blocks)
+      block.res = _blocks(scan, blocks)
   model.config = dataclasses.replace(model.config, scan_blocks=scan)
   return model
 
