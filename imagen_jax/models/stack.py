@@ -26,23 +26,14 @@ from flax import nnx
 _NAME_KEYS = ("out_sharding", "sharding_names", "sharding")
 
 
-def _prepend_stack_axis(var: nnx.Variable) -> None:
-  """Adds a leading unsharded axis to the logical names of a stacked weight."""
+def _stack_axis(var: nnx.Variable, add: bool) -> None:
+  """Adds (``add``) or removes the leading unsharded stack axis in a weight's logical names."""
   meta = var.get_metadata()
   for key in _NAME_KEYS:
     names = meta.get(key)
     if isinstance(names, tuple):
-      var.set_metadata(**{key: (None, *names)})
-      return
-
-
-def _drop_stack_axis(var: nnx.Variable) -> None:
-  """Removes the stack axis from a member weight's logical names."""
-  meta = var.get_metadata()
-  for key in _NAME_KEYS:
-    names = meta.get(key)
-    if isinstance(names, tuple) and names and names[0] is None:
-      var.set_metadata(**{key: names[1:]})
+      if add or (names and names[0] is None):
+        var.set_metadata(**{key: (None, *names) if add else names[1:]})
       return
 
 
@@ -66,7 +57,7 @@ class Stack(nnx.Module):
     nnx.update(template, jax.tree.map(lambda *w: jnp.stack(w), *states))  # [N, ...] each
     for _, node in nnx.iter_graph(template):
       if isinstance(node, nnx.Variable):
-        _prepend_stack_axis(node)
+        _stack_axis(node, add=True)
     self.module = template
     self.size = len(modules)
     self.labels = tuple(labels)
@@ -112,5 +103,5 @@ class Stack(nnx.Module):
     member = nnx.merge(graphdef, jax.tree.map(lambda w: w[i], state))
     for _, node in nnx.iter_graph(member):
       if isinstance(node, nnx.Variable):
-        _drop_stack_axis(node)
+        _stack_axis(node, add=False)
     return member

@@ -98,8 +98,8 @@ def _group_units(scan: bool, units: list[_Unit], runs: tuple[tuple[int, int], ..
   return nnx.List(items)
 
 
-def _units(item: _Unit | Stack) -> list[_Unit]:
-  """The units of a list item; a Stack's members each get their own attention site back."""
+def _units(item: nnx.Module) -> list[nnx.Module]:
+  """The modules of a list item; a Stack's members each get their own attention site back."""
   return _members(item) if isinstance(item, Stack) else [item]
 
 
@@ -383,13 +383,14 @@ class UNet(nnx.Module, _Blocks):
     h = self._attn(self.mid_attn, h, cond, ctrl)
     h = self._res(self.mid_res2, h, emb)
     for item in self.up:
-      units = _units(item)  # (a controller reads each attention site: stacks run unrolled)
-      skips = [hs.pop() for _ in units]  # ADM concatenates the encoder's outputs, last first
+      n = item.size if isinstance(item, Stack) else 1
+      skips = [hs.pop() for _ in range(n)]  # ADM concatenates the encoder's outputs, last first
       if isinstance(item, Stack) and ctrl is None:
         step = lambda unit, h, skip: unit.plain(jnp.concatenate([h, skip], -1), emb, cond)
         h, _ = self._scan_run(item, step, h, jnp.stack(skips))  # [N, B, H, W, C'] skips
         continue
-      for unit, skip in zip(units, skips):
+      # A controller reads each attention site: a stack's units then run one by one.
+      for unit, skip in zip(_units(item), skips):
         h = unit(jnp.concatenate([h, skip], axis=-1), emb, cond, ctrl)
     return h
 
@@ -557,15 +558,15 @@ def with_scan_blocks(model: UNet, scan: bool) -> UNet:
     return model
 
   def flat(items) -> list:
-    return [m for item in items for m in (_members(item) if isinstance(item, Stack) else [item])]
+    return [unit for item in items for unit in _units(item)]
 
   if model.config.kind == "base":
     model.down = _group_units(scan, flat(model.down), model.down_runs)
     model.up = _group_units(scan, flat(model.up), model.up_runs)
   else:
     for block in (*model.dblocks, *model.ublocks):
-      blocks = flat(block.res) if isinstance(block.res, nnx.List) else _members(block.res)
-      block.res = _blocks(scan, blocks)
+      res = block.res
+      block.res = _blocks(scan, list(res) if isinstance(res, nnx.List) else _members(res))
   model.config = dataclasses.replace(model.config, scan_blocks=scan)
   return model
 

@@ -87,9 +87,9 @@ def check_stage(
   if remat:  # IF's U-Net takes remat on/off per block
     is_if = stage.model.get("family", "imagen") == "if"
     stage.model.remat = (remat != "none") if is_if else remat
+  if (scan_blocks is not None or scan_impl) and stage.model.get("family", "imagen") == "if":
+    raise ValueError("--scan_blocks/--scan_impl: the DeepFloyd IF U-Net has no stacked runs")
   if scan_blocks is not None:
-    if stage.model.get("family", "imagen") == "if":
-      raise ValueError("--scan_blocks: the DeepFloyd IF U-Net has no scan_blocks option")
     stage.model.scan_blocks = bool(scan_blocks)
   if scan_impl:
     stage.model.scan_impl = scan_impl
