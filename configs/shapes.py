@@ -109,6 +109,10 @@ def _demo_recipe(config) -> None:
     (`output_prior="lowres"`): it starts as a denoising upsampler and learns only the detail.
     After 200 SR steps on the same base: 0.99 single-object alignment on rendered inputs (0.61
     without), and the cascade keeps what the base drew.
+  - A 4× noisier schedule for the base (`schedule="shifted_cosine"`, `schedule_base_size=16`:
+    λ − 1.39, "simple diffusion"'s shift): the layout is decided at high noise, and these images
+    carry their layout in a few large flat regions, easy to read through noise. Position 0.65 ->
+    0.84 on 128 held-out prompts (0.80 with 2× noisier); colour, size and shape unchanged.
   - Base self-attention at 8² only (text attention stays at 16² and 8²): self-attention at 16²
     cost 25% of the step on 2 CPU cores and did not help.
   - v-prediction, 15% two-object scenes and guidance 5 with 25 steps for the base, as in the
@@ -126,6 +130,7 @@ def _demo_recipe(config) -> None:
     output_prior="gaussian",
     prior_var=0.03,
   )
+  base.schedule, base.schedule_base_size = "shifted_cosine", 16  # 4× noisier at 32²
   base.sample.update(guidance=5.0, steps=25)
   config.stages.sr.model.output_prior = "lowres"
 

@@ -45,6 +45,9 @@ def stage_config(
   c.lowres_size = lowres_size
   c.crop_size = 0  # >0: train on random crops of this size (Imagen's 1024 stage: 256 of 1024)
   c.schedule = "cosine"
+  # "shifted_cosine" only: λ + 2 log(schedule_base_size / image_size) ("simple diffusion"); a
+  # base size below image_size makes the schedule noisier (4× less SNR per halving).
+  c.schedule_base_size = 64
   c.objective = "eps"  # Imagen: epsilon prediction (§2.2)
   c.min_snr_gamma = 0.0  # 0 disables min-SNR-gamma loss weighting
   c.batch_size = 2048  # global batch (paper)
@@ -68,6 +71,7 @@ def stage_config(
   c.ema_warmup = True
   c.text_drop_prob = 0.1  # Imagen §4.1: zero the text embeddings 10% of the time (for CFG)
   c.max_aug_level = 1.0  # SR stages: training aug_level ~ U(0, max_aug_level)
+  c.lowres_blur = 0.0  # SR stages: training blur σ ~ U(0, lowres_blur) low-res pixels (CDM §4.2)
   c.compute_dtype = "float32"
   c.max_consecutive_nonfinite = 20  # skipped updates in a row before stopping
   c.ckpt_every = 1000
@@ -187,6 +191,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"{where}.text_drop_prob must be in [0, 1], got {s.text_drop_prob}")
     if not 0.0 <= s.max_aug_level <= 1.0:
       raise ValueError(f"{where}.max_aug_level must be in [0, 1], got {s.max_aug_level}")
+    if int(s.schedule_base_size) < 1 or int(s.schedule_base_size) != s.schedule_base_size:
+      raise ValueError(
+        f"{where}.schedule_base_size must be a positive int (pixels), got {s.schedule_base_size}"
+      )
+    if not 0.0 <= s.lowres_blur <= 8.0:
+      raise ValueError(
+        f"{where}.lowres_blur must be in [0, 8] low-res pixels (0 disables), got {s.lowres_blur}"
+      )
     if not 0.0 <= s.ema_decay < 1.0:
       raise ValueError(f"{where}.ema_decay must be in [0, 1), got {s.ema_decay}")
     if s.lowres_size is not None and s.lowres_size >= s.image_size:

@@ -173,6 +173,62 @@ def test_nonfinite_updates_are_skipped_then_training_stops(tmp_path, monkeypatch
   assert not list((tmp_path / "base" / "checkpoints").glob("[0-9]*"))  # nothing bad was saved
 
 
+@pytest.mark.parametrize("blur", [0.0, 2.0])
+def test_sr_loss_blurs_the_lowres_input_when_asked(blur):
+  """``lowres_blur`` reaches the SR stage's U-Net: with the low-res input equal to the target and
+  no noise augmentation, a model that returns its low-res input has zero x0 loss unless the input
+  was blurred (white noise loses most of its variance under σ ~ U(0, 2))."""
+  from imagen_jax.diffusion import get_schedule
+
+  stage = stage_config(
+    "sr", "tiny_sr", 8, lowres_size=4, objective="x0", max_aug_level=0.0, lowres_blur=blur
+  )
+  x0 = jax.random.normal(jax.random.key(0), (16, 8, 8, 3))
+  batch = {"image": x0, "lowres": x0, "text_emb": jnp.zeros((16, 4, 8))}
+  batch["text_mask"] = jnp.ones((16, 4), bool)
+
+  def apply_fn(params, x_t, logsnr, emb, mask, lowres=None, aug_logsnr=None):
+    return lowres  # [B, H, W, C]: what the model was shown
+
+  loss_fn = jax.jit(step_lib.make_loss_fn(apply_fn, stage, get_schedule("cosine")))
+  loss, _ = loss_fn({}, batch, jax.random.key(1))
+  if blur:
+    assert float(loss) > 0.2
+  else:
+    assert float(loss) < 1e-4
+
+
+def test_lowres_blur_out_of_range_names_the_field():
+  from imagen_jax import config as config_lib
+
+  config = load_config("shapes", "ci")
+  config.stages.sr.lowres_blur = -1.0
+  with pytest.raises(ValueError, match=r"config\.stages\.sr\.lowres_blur"):
+    config_lib.validate(config)
+
+
+def test_shifted_schedule_base_size_reaches_the_stage_schedule():
+  """``schedule_base_size`` sets the shift the stage trains and samples with: λ_cosine +
+  2 log(16/32) (4× noisier) for a 32² stage; runs saved before the field existed keep base size
+  64; a bad value names the field."""
+  import ml_collections
+
+  from imagen_jax import config as config_lib
+  from imagen_jax.diffusion import get_schedule
+  from imagen_jax.stage.model import stage_schedule
+
+  stage = stage_config("base", "tiny_base", 32, schedule="shifted_cosine", schedule_base_size=16)
+  t = jnp.linspace(0.05, 0.95, 7)
+  cosine = np.asarray(get_schedule("cosine")(t))
+  np.testing.assert_allclose(stage_schedule(stage)(t), cosine + 2 * np.log(0.5), atol=1e-5)
+  old = ml_collections.ConfigDict({k: v for k, v in stage.items() if k != "schedule_base_size"})
+  np.testing.assert_allclose(stage_schedule(old)(t), cosine + 2 * np.log(2.0), atol=1e-5)
+  config = load_config("shapes", "ci")
+  config.stages.base.schedule_base_size = 0
+  with pytest.raises(ValueError, match=r"config\.stages\.base\.schedule_base_size"):
+    config_lib.validate(config)
+
+
 def test_train_step_skips_nonfinite_update_and_counts_it():
   """The step itself: a NaN batch leaves params, EMA and optimizer state untouched."""
   import optax

@@ -6,7 +6,7 @@ DPM-Solver++). Nothing here knows about the U-Net: samplers take any ``model_fn(
 for tests; ``python -m imagen_jax.diffusion.demo`` samples it with every sampler.
 """
 
-from imagen_jax.diffusion.augmentation import noise_augment
+from imagen_jax.diffusion.augmentation import blur_augment, noise_augment
 from imagen_jax.diffusion.gaussian import (
   PRED_TYPES,
   eps_from_v,
@@ -72,6 +72,7 @@ __all__ = [
   "ShiftedCosineSchedule",
   "THRESHOLD_MODES",
   "alpha_sigma",
+  "blur_augment",
   "ancestral_step",
   "as_schedule",
   "classifier_free_guidance",

@@ -1,4 +1,5 @@
-"""Noise-conditioning augmentation for the super-resolution stages (Imagen §2.4, App. D.2)."""
+"""Conditioning augmentation for the super-resolution stages: noise (Imagen §2.4, App. D.2) and
+Gaussian blur (Cascaded Diffusion Models, Ho et al. 2021, §4.2)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,58 @@ def noise_augment(
   eps = jnp.broadcast_to(jnp.asarray(eps, lowres.dtype), lowres.shape)
   noisy = gaussian.q_sample(lowres, aug_logsnr, eps).astype(lowres.dtype)
   return noisy, aug_logsnr
+
+
+def blur_augment(
+  rng: Array, lowres: Array, max_sigma: float, sigma: float | Array | None = None
+) -> Array:
+  """Blurs each low-res conditioning image with a Gaussian of random width (CDM §4.2).
+
+  Cascaded Diffusion Models (Ho et al. 2021) blur the SR stages' low-res inputs in training so
+  that the stage learns to restore detail the previous stage draws soft, rather than copying
+  its input: the previous stage's samples are blurrier than the real low-res images the stage
+  trains on. Each example gets its own σ ~ U(0, ``max_sigma``), in low-res pixels (σ = 0 leaves
+  the image as it is); edges are padded by replication. Sampling applies no blur.
+
+    lowres_b ← G_σb ∗ lowres_b,   G_σ(k) ∝ exp(−k² / 2σ²),  |k| ≤ ⌈3 · max_sigma⌉.
+
+  Args:
+    rng: PRNG key.
+    lowres: ``[B, h, w, C]`` low-res images.
+    max_sigma: the largest σ, in pixels of ``lowres``; ``0`` returns ``lowres`` unchanged. It
+      also sets the kernel's radius, ⌈3 · max_sigma⌉.
+    sigma: σ per example (a float or ``[B]``, at most ``max_sigma``) instead of random ones.
+
+  Returns:
+    The blurred images, ``[B, h, w, C]``, in ``lowres``'s dtype.
+
+  Raises:
+    ValueError: ``max_sigma`` negative or not finite, ``sigma`` above it, or ``lowres`` not
+      ``[B, h, w, C]``.
+  """
+  if not (np.isfinite(max_sigma) and max_sigma >= 0.0):
+    raise ValueError(f"max_sigma must be a finite number >= 0, got {max_sigma}")
+  if jnp.ndim(lowres) != 4:
+    raise ValueError(f"lowres must be [B, h, w, C], got shape {jnp.shape(lowres)}")
+  if max_sigma == 0.0:
+    return lowres
+  b = lowres.shape[0]
+  radius = int(np.ceil(3.0 * max_sigma))
+  if sigma is None:
+    sigma = jax.random.uniform(rng, (b,), maxval=max_sigma)  # [B]
+  elif not isinstance(sigma, jax.core.Tracer) and np.any(np.asarray(sigma) > max_sigma):
+    raise ValueError(
+      f"sigma must be at most max_sigma={max_sigma} (it sets the kernel), got {sigma}"
+    )
+  sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (b,))  # [B]
+  k = jnp.arange(-radius, radius + 1, dtype=jnp.float32)  # [K]
+  # σ → 0 makes the kernel a delta: only k = 0 keeps weight exp(0) = 1.
+  logits = -0.5 * jnp.square(k) / jnp.maximum(jnp.square(sigma), 1e-6)[:, None]  # [B, K]
+  kernel = jax.nn.softmax(logits, axis=-1)  # [B, K], sums to 1
+  x = lowres.astype(jnp.float32)
+  h, w = x.shape[1], x.shape[2]
+  x = jnp.pad(x, ((0, 0), (radius, radius), (0, 0), (0, 0)), mode="edge")  # [B, h + 2r, w, C]
+  x = sum(kernel[:, i, None, None, None] * x[:, i : i + h] for i in range(2 * radius + 1))
+  x = jnp.pad(x, ((0, 0), (0, 0), (radius, radius), (0, 0)), mode="edge")  # [B, h, w + 2r, C]
+  x = sum(kernel[:, i, None, None, None] * x[:, :, i : i + w] for i in range(2 * radius + 1))
+  return x.astype(lowres.dtype)  # [B, h, w, C]

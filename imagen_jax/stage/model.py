@@ -127,7 +127,8 @@ def create_stage_model(stage: Any, *, text_dim: int, seed: int = 0) -> Any:
 
 
 def stage_schedule(stage: Any) -> diffusion.Schedule:
-  """The noise schedule named by ``stage.schedule`` (shifted cosine is shifted by image size;
+  """The noise schedule named by ``stage.schedule`` (shifted cosine is shifted by
+  2 log(``stage.schedule_base_size`` / image size);
   ``ddpm_<beta schedule>``, e.g. ``ddpm_squaredcos_cap_v2`` (DeepFloyd IF's), is a discrete
   1000-step DDPM table)."""
   if str(stage.schedule).startswith("ddpm_"):
@@ -138,7 +139,12 @@ def stage_schedule(stage: Any) -> diffusion.Schedule:
         f"{['ddpm_' + b for b in BETA_SCHEDULES]}"
       )
     return DiscreteSchedule(beta_schedule=beta)
-  kwargs = {"image_size": int(stage.image_size)} if stage.schedule == "shifted_cosine" else {}
+  kwargs = {}
+  if stage.schedule == "shifted_cosine":  # runs saved before schedule_base_size used 64
+    kwargs = {
+      "image_size": int(stage.image_size),
+      "base_size": int(stage.get("schedule_base_size", 64)),
+    }
   return diffusion.get_schedule(stage.schedule, **kwargs)
 
 

@@ -126,6 +126,8 @@ def make_loss_fn(
       # Imagen §2.4: a random aug level per example; the model is told the level.
       level = jax.random.uniform(rng_aug, (b,), maxval=stage.max_aug_level)
       lowres = batch["lowres"]  # [B, h, w, C]
+      if stage.lowres_blur:  # CDM §4.2: blurred inputs, so the stage restores soft detail
+        lowres = diffusion.blur_augment(jax.random.fold_in(rng_aug, 2), lowres, stage.lowres_blur)
       if prepare_lowres is not None:
         lowres = prepare_lowres(lowres, x0.shape[1])
       lowres, aug_logsnr = diffusion.noise_augment(
