@@ -1,6 +1,6 @@
 """The built-in demo: a tiny two-stage cascade (32² base, 32²→64² super-resolution) on `shapes`.
 
-This is what `python train.py` runs with no flags: no download, about 6 minutes on 2 CPU cores
+This is what `python train.py` runs with no flags: no download, 6–8 minutes on 2 CPU cores
 with AVX-512 and about 16 without (README "The shapes demo" has its numbers). It trains on the
 procedurally rendered `shapes` captions ("a small red circle at the top left"), with a small
 frozen T5 text encoder written to `workdir/text_encoder/`, scores prompt alignment of EMA samples
