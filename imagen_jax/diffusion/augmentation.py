@@ -130,10 +130,13 @@ def blur_augment(
   # σ → 0 makes the kernel a delta: only k = 0 keeps weight exp(0) = 1.
   logits = -0.5 * jnp.square(k) / jnp.maximum(jnp.square(sigma), 1e-6)[:, None]  # [B, K]
   kernel = jax.nn.softmax(logits, axis=-1)  # [B, K], sums to 1
-  x = lowres.astype(jnp.float32)
-  h, w = x.shape[1], x.shape[2]
-  x = jnp.pad(x, ((0, 0), (radius, radius), (0, 0), (0, 0)), mode="edge")  # [B, h + 2r, w, C]
-  x = sum(kernel[:, i, None, None, None] * x[:, i : i + h] for i in range(2 * radius + 1))
-  x = jnp.pad(x, ((0, 0), (0, 0), (radius, radius), (0, 0)), mode="edge")  # [B, h, w + 2r, C]
-  x = sum(kernel[:, i, None, None, None] * x[:, :, i : i + w] for i in range(2 * radius + 1))
+  x = _blur_rows(lowres.astype(jnp.float32), kernel)  # along h
+  x = _blur_rows(x.swapaxes(1, 2), kernel).swapaxes(1, 2)  # along w
   return x.astype(lowres.dtype)  # [B, h, w, C]
+
+
+def _blur_rows(x: Array, kernel: Array) -> Array:
+  """``[B, h, w, C]`` convolved along h with a per-example ``[B, 2r + 1]`` kernel (edges repeat)."""
+  h, radius = x.shape[1], (kernel.shape[1] - 1) // 2
+  x = jnp.pad(x, ((0, 0), (radius, radius), (0, 0), (0, 0)), mode="edge")  # [B, h + 2r, w, C]
+  return sum(kernel[:, i, None, None, None] * x[:, i : i + h] for i in range(kernel.shape[1]))

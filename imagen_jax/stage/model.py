@@ -140,11 +140,10 @@ def stage_schedule(stage: Any) -> diffusion.Schedule:
       )
     return DiscreteSchedule(beta_schedule=beta)
   kwargs = {}
-  if stage.schedule == "shifted_cosine":  # runs saved before schedule_base_size used 64
-    kwargs = {
-      "image_size": int(stage.image_size),
-      "base_size": int(stage.get("schedule_base_size", 64)),
-    }
+  if stage.schedule == "shifted_cosine":
+    kwargs = {"image_size": int(stage.image_size)}
+    if "schedule_base_size" in stage:  # runs saved before the field keep the schedule's default
+      kwargs["base_size"] = int(stage.schedule_base_size)
   return diffusion.get_schedule(stage.schedule, **kwargs)
 
 
