@@ -195,9 +195,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(
         f"{where}.schedule_base_size must be a positive int (pixels), got {s.schedule_base_size}"
       )
+    if s.schedule_base_size != 64 and s.schedule != "shifted_cosine":
+      raise ValueError(
+        f"{where}.schedule_base_size={s.schedule_base_size} only shifts the shifted cosine: set "
+        f"{where}.schedule='shifted_cosine' too (it is {s.schedule!r})"
+      )
     if not 0.0 <= s.lowres_blur <= 8.0:
       raise ValueError(
         f"{where}.lowres_blur must be in [0, 8] low-res pixels (0 disables), got {s.lowres_blur}"
+      )
+    if s.lowres_blur and s.lowres_size is None:
+      raise ValueError(
+        f"{where}.lowres_blur={s.lowres_blur} blurs an SR stage's low-res input, but this stage "
+        f"has no lowres_size: set it to 0"
       )
     if not 0.0 <= s.ema_decay < 1.0:
       raise ValueError(f"{where}.ema_decay must be in [0, 1), got {s.ema_decay}")

@@ -205,6 +205,10 @@ def test_lowres_blur_out_of_range_names_the_field():
   config.stages.sr.lowres_blur = -1.0
   with pytest.raises(ValueError, match=r"config\.stages\.sr\.lowres_blur"):
     config_lib.validate(config)
+  config = load_config("shapes", "ci")
+  config.stages.base.lowres_blur = 1.0  # a base stage has no low-res input to blur
+  with pytest.raises(ValueError, match=r"config\.stages\.base\.lowres_blur=1.0 .* set it to 0"):
+    config_lib.validate(config)
 
 
 def test_shifted_schedule_base_size_reaches_the_stage_schedule():
@@ -226,6 +230,10 @@ def test_shifted_schedule_base_size_reaches_the_stage_schedule():
   config = load_config("shapes", "ci")
   config.stages.base.schedule_base_size = 0
   with pytest.raises(ValueError, match=r"config\.stages\.base\.schedule_base_size"):
+    config_lib.validate(config)
+  config = load_config("shapes", "ci")  # the plain cosine: a base size alone would do nothing
+  config.stages.base.schedule_base_size = 16
+  with pytest.raises(ValueError, match=r"config\.stages\.base\.schedule='shifted_cosine'"):
     config_lib.validate(config)
 
 
